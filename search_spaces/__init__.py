@@ -1,0 +1,38 @@
+"""Search spaces: architecture configs, search spaces, presets, block specs and exact counting.
+
+Pure Python: importing this package never imports torch.
+"""
+from __future__ import annotations
+
+from .arch import MIXERS, ArchConfig, BlockConfig, StageConfig
+from .counting import block_macs, block_params, count_macs, count_params
+from .errors import FileFormatError, NasUserError, SpaceError
+from .registry import (
+    family_defaults,
+    get_preset,
+    get_space,
+    list_families,
+    list_presets,
+    list_spaces,
+    lower,
+    register_family,
+    register_preset,
+    register_space,
+)
+from .space import SearchSpace, SlimAction, StageChoices
+from .specs import BLOCK_KINDS, BlockSpec
+
+# Family modules register their lowering, spaces and presets on import.
+from . import efficientformer as _efficientformer  # noqa: E402,F401
+from . import efficientformer_v2 as _efficientformer_v2  # noqa: E402,F401
+from . import efficientvit as _efficientvit  # noqa: E402,F401
+
+__all__ = [
+    "MIXERS", "ArchConfig", "BlockConfig", "StageConfig",
+    "BLOCK_KINDS", "BlockSpec",
+    "SearchSpace", "SlimAction", "StageChoices",
+    "NasUserError", "SpaceError", "FileFormatError",
+    "block_macs", "block_params", "count_macs", "count_params",
+    "family_defaults", "get_preset", "get_space", "list_families", "list_presets", "list_spaces", "lower",
+    "register_family", "register_preset", "register_space",
+]

@@ -1,0 +1,129 @@
+"""Registries of families (lowering functions), named search spaces and presets.
+
+>>> from search_spaces import get_preset, list_presets
+>>> get_preset("efficientformer_l1").widths
+(48, 96, 224, 448)
+>>> get_preset("nope")  # doctest: +IGNORE_EXCEPTION_DETAIL
+Traceback (most recent call last):
+SpaceError: unknown preset 'nope'; known presets: ...
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from .arch import ArchConfig
+from .errors import SpaceError
+from .space import SearchSpace
+from .specs import BlockSpec
+
+__all__ = [
+    "register_family", "register_space", "register_preset",
+    "get_space", "get_preset", "list_spaces", "list_presets", "list_families",
+    "lower", "family_defaults",
+]
+
+
+class LowerFn(Protocol):
+    def __call__(
+        self, arch: ArchConfig, *, resolution: int, num_classes: int, in_chans: int, distillation: bool
+    ) -> tuple[BlockSpec, ...]: ...
+
+
+_FAMILIES: dict[str, tuple[LowerFn, bool]] = {}
+_SPACES: dict[str, Callable[[], SearchSpace]] = {}
+_PRESETS: dict[str, Callable[[], ArchConfig]] = {}
+
+
+def register_family(name: str, *, distillation: bool) -> Callable[[LowerFn], LowerFn]:
+    """Register a family's lowering function; ``distillation`` is the family's default head."""
+
+    def deco(fn: LowerFn) -> LowerFn:
+        _FAMILIES[name] = (fn, distillation)
+        return fn
+
+    return deco
+
+
+def register_space(fn: Callable[[], SearchSpace]) -> Callable[[], SearchSpace]:
+    """Register a space factory; its name is the function name minus ``_space``."""
+    _SPACES[fn.__name__.removesuffix("_space")] = fn
+    return fn
+
+
+def register_preset(fn: Callable[[], ArchConfig]) -> Callable[[], ArchConfig]:
+    """Register a preset factory under its function name."""
+    _PRESETS[fn.__name__] = fn
+    return fn
+
+
+def _unknown(what: str, name: object, known: list[str]) -> SpaceError:
+    return SpaceError(f"unknown {what} {name!r}; known {what}s: {', '.join(known)}")
+
+
+def list_families() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def list_spaces() -> list[str]:
+    return sorted(_SPACES)
+
+
+def list_presets() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def get_space(name: str) -> SearchSpace:
+    """The registered search space ``name``."""
+    if name not in _SPACES:
+        raise _unknown("space", name, list_spaces())
+    return _SPACES[name]()
+
+
+def get_preset(name: str) -> ArchConfig:
+    """The registered preset ``name`` (an exact published architecture)."""
+    if name not in _PRESETS:
+        raise _unknown("preset", name, list_presets())
+    return _PRESETS[name]()
+
+
+def family_defaults(family: str) -> bool:
+    """Whether the family's models carry a distillation head by default."""
+    if family not in _FAMILIES:
+        raise _unknown("family", family, list_families())
+    return _FAMILIES[family][1]
+
+
+def lower(
+    arch: ArchConfig,
+    *,
+    resolution: int = 224,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    distillation: bool | None = None,
+) -> tuple[BlockSpec, ...]:
+    """Lower a config to its block specs, in forward order (stem first, head last).
+
+    Args:
+        arch: the architecture.
+        resolution: input side in pixels.
+        num_classes: classifier outputs.
+        in_chans: input channels (3 for RGB, 1 for Fashion-MNIST).
+        distillation: add ``head_dist``; ``None`` takes the family default
+            (EfficientFormer V1/V2: yes, EfficientViT: no).
+
+    Raises:
+        SpaceError: the config is not valid for its family at this resolution.
+    """
+    if arch.family not in _FAMILIES:
+        raise _unknown("family", arch.family, list_families())
+    fn, default_dist = _FAMILIES[arch.family]
+    for name, value, low in (("resolution", resolution, 8), ("num_classes", num_classes, 1), ("in_chans", in_chans, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SpaceError(f"{name} must be an int >= {low}, got {value!r}")
+    return fn(
+        arch,
+        resolution=resolution,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        distillation=default_dist if distillation is None else bool(distillation),
+    )

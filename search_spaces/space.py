@@ -1,0 +1,320 @@
+"""Search spaces: which architecture configs are allowed, and how to move between them.
+
+A :class:`SearchSpace` holds one :class:`StageChoices` per stage. In every stage the
+blocks are ``depth`` blocks of the stage's plain mixer, of which the last ``n`` may be
+attention blocks (``0 <= n <= max_attn``), as in both EfficientFormer papers. Each block
+picks its own expansion ratio, and each attention slot its own mixer.
+
+>>> from search_spaces import get_space
+>>> space = get_space("efficientformer_v2")
+>>> arch = space.sample(0)
+>>> space.contains(arch)
+True
+>>> space.contains(space.largest()) and space.contains(space.smallest())
+True
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from .arch import MIXERS, ArchConfig, BlockConfig, StageConfig
+from .errors import SpaceError
+
+__all__ = ["StageChoices", "SearchSpace", "SlimAction", "as_rng"]
+
+
+def as_rng(rng: int | random.Random) -> random.Random:
+    """A :class:`random.Random` from a seed or an existing generator (never the global one)."""
+    if isinstance(rng, random.Random):
+        return rng
+    if isinstance(rng, bool) or not isinstance(rng, int):
+        raise TypeError(f"rng must be an int seed or random.Random, got {type(rng).__name__}")
+    return random.Random(rng)
+
+
+@dataclass(frozen=True)
+class StageChoices:
+    """The choices of one stage.
+
+    Args:
+        widths: allowed widths, ascending.
+        depths: allowed depths (number of blocks), ascending.
+        expansions: allowed per-block expansion ratios, ascending.
+        plain_mixer: the mixer of non-attention blocks.
+        attn_mixers: mixers allowed in attention slots, ordered from the cheapest to the
+            largest; empty if the stage has no attention slots.
+        max_attn: most attention blocks (the last blocks of the stage).
+        min_attn: fewest attention blocks.
+    """
+
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    expansions: tuple[float, ...]
+    plain_mixer: str
+    attn_mixers: tuple[str, ...] = ()
+    max_attn: int = 0
+    min_attn: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("widths", "depths", "expansions", "attn_mixers"):
+            value = tuple(getattr(self, name))
+            object.__setattr__(self, name, value)
+            if name != "attn_mixers" and (not value or list(value) != sorted(set(value))):
+                raise SpaceError(f"StageChoices.{name} must be non-empty, ascending and unique, got {value}")
+        if any(w <= 0 for w in self.widths) or any(d <= 0 for d in self.depths):
+            raise SpaceError("StageChoices widths and depths must be positive")
+        for m in (self.plain_mixer, *self.attn_mixers):
+            if m not in MIXERS:
+                raise SpaceError(f"mixer must be one of {MIXERS}, got {m!r}")
+        if self.max_attn and not self.attn_mixers:
+            raise SpaceError("StageChoices.max_attn > 0 needs attn_mixers")
+        if not 0 <= self.min_attn <= self.max_attn:
+            raise SpaceError(f"need 0 <= min_attn <= max_attn, got {self.min_attn} and {self.max_attn}")
+        if self.min_attn > self.depths[0]:
+            raise SpaceError(f"min_attn {self.min_attn} exceeds the smallest depth {self.depths[0]}")
+
+    def attn_range(self, depth: int) -> range:
+        """Allowed numbers of attention blocks at a given depth."""
+        return range(self.min_attn, min(self.max_attn, depth) + 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "widths": list(self.widths),
+            "depths": list(self.depths),
+            "expansions": list(self.expansions),
+            "plain_mixer": self.plain_mixer,
+            "attn_mixers": list(self.attn_mixers),
+            "max_attn": self.max_attn,
+            "min_attn": self.min_attn,
+        }
+
+
+@dataclass(frozen=True)
+class SlimAction:
+    """One slimming step from a config: what it does, and the config it leads to."""
+
+    name: str
+    arch: ArchConfig
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A family's allowed configs.
+
+    Args:
+        name: registry name.
+        family: the architecture family; every config of the space has it.
+        stages: choices per stage.
+        stem_stride: the stem stride of every config in the space.
+        head_widths: EfficientViT head widths, fixed for the space.
+        head_dim: EfficientViT LiteMLA head dimension, fixed for the space.
+    """
+
+    name: str
+    family: str
+    stages: tuple[StageChoices, ...]
+    stem_stride: int = 4
+    head_widths: tuple[int, ...] = ()
+    head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "head_widths", tuple(self.head_widths))
+
+    # --------------------------------------------------------------- identity
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "stem_stride": self.stem_stride,
+            "head_widths": list(self.head_widths),
+            "head_dim": self.head_dim,
+            "stages": [s.to_dict() for s in self.stages],
+        }
+
+    @property
+    def hash(self) -> str:
+        """Stable hash of the space's choices (12 hex digits); LUTs record it."""
+        import hashlib
+        import json
+
+        d = self.to_dict()
+        d.pop("name")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def _arch(self, stages: list[StageConfig]) -> ArchConfig:
+        return ArchConfig(self.family, tuple(stages), self.stem_stride, self.head_widths, self.head_dim)
+
+    # --------------------------------------------------------------- membership
+    def why_not(self, arch: ArchConfig) -> str | None:
+        """``None`` if ``arch`` is in the space, else a sentence naming the first choice outside it."""
+        if arch.family != self.family:
+            return f"family {arch.family!r} is not this space's family {self.family!r}"
+        if arch.stem_stride != self.stem_stride:
+            return f"stem_stride {arch.stem_stride} is not this space's {self.stem_stride}"
+        if arch.head_widths != self.head_widths or arch.head_dim != self.head_dim:
+            return (f"head (dim {arch.head_dim}, widths {list(arch.head_widths)}) is not this space's "
+                    f"(dim {self.head_dim}, widths {list(self.head_widths)})")
+        if len(arch.stages) != len(self.stages):
+            return f"{len(arch.stages)} stages, the space has {len(self.stages)}"
+        for si, (st, ch) in enumerate(zip(arch.stages, self.stages)):
+            where = f"stage {si + 1}"
+            if st.width not in ch.widths:
+                return f"{where} width {st.width} is not one of {list(ch.widths)}"
+            if st.depth not in ch.depths:
+                return f"{where} depth {st.depth} is not one of {list(ch.depths)}"
+            n_attn = 0
+            for bi, b in enumerate(st.blocks):
+                if b.expansion not in ch.expansions:
+                    return f"{where} block {bi + 1} expansion {b.expansion} is not one of {list(ch.expansions)}"
+                if b.mixer == ch.plain_mixer:
+                    if n_attn:
+                        return f"{where} block {bi + 1} is a {b.mixer!r} block after an attention block; attention blocks must be last"
+                elif b.mixer in ch.attn_mixers:
+                    n_attn += 1
+                else:
+                    allowed = [ch.plain_mixer, *ch.attn_mixers]
+                    return f"{where} block {bi + 1} mixer {b.mixer!r} is not one of {allowed}"
+            if n_attn not in ch.attn_range(st.depth):
+                r = ch.attn_range(st.depth)
+                return f"{where} has {n_attn} attention blocks, allowed {r.start} to {r.stop - 1}"
+        return None
+
+    def contains(self, arch: ArchConfig) -> bool:
+        return self.why_not(arch) is None
+
+    def check(self, arch: ArchConfig) -> ArchConfig:
+        """Return ``arch`` if it is in the space, else raise :class:`SpaceError` saying which choice is outside."""
+        reason = self.why_not(arch)
+        if reason is not None:
+            raise SpaceError(f"config is outside space {self.name!r}: {reason}")
+        return arch
+
+    # --------------------------------------------------------------- sampling
+    def _stage(self, ch: StageChoices, width: int, exps: list[float], mixers: list[str]) -> StageConfig:
+        return StageConfig(width, tuple(BlockConfig(m, e) for m, e in zip(mixers, exps)))
+
+    def sample(self, rng: int | random.Random) -> ArchConfig:
+        """A uniformly random config (each choice drawn independently)."""
+        r = as_rng(rng)
+        stages = []
+        for ch in self.stages:
+            width = r.choice(ch.widths)
+            depth = r.choice(ch.depths)
+            n_attn = r.choice(ch.attn_range(depth))
+            mixers = [ch.plain_mixer] * (depth - n_attn) + [r.choice(ch.attn_mixers) for _ in range(n_attn)]
+            exps = [r.choice(ch.expansions) for _ in range(depth)]
+            stages.append(self._stage(ch, width, exps, mixers))
+        return self._arch(stages)
+
+    def largest(self) -> ArchConfig:
+        """Widest, deepest config, with the most attention blocks of the largest mixer."""
+        stages = []
+        for ch in self.stages:
+            depth = ch.depths[-1]
+            n_attn = ch.attn_range(depth)[-1]
+            mixers = [ch.plain_mixer] * (depth - n_attn) + [ch.attn_mixers[-1]] * n_attn if n_attn else [ch.plain_mixer] * depth
+            stages.append(self._stage(ch, ch.widths[-1], [ch.expansions[-1]] * depth, mixers))
+        return self._arch(stages)
+
+    def smallest(self) -> ArchConfig:
+        """Narrowest, shallowest config, with the fewest attention blocks of the cheapest mixer."""
+        stages = []
+        for ch in self.stages:
+            depth = ch.depths[0]
+            n_attn = ch.min_attn
+            mixers = [ch.plain_mixer] * (depth - n_attn) + [ch.attn_mixers[0]] * n_attn if n_attn else [ch.plain_mixer] * depth
+            stages.append(self._stage(ch, ch.widths[0], [ch.expansions[0]] * depth, mixers))
+        return self._arch(stages)
+
+    def mutate(self, arch: ArchConfig, rng: int | random.Random, *, prob: float = 0.1) -> ArchConfig:
+        """Resample each choice of ``arch`` with probability ``prob``; the result is in the space."""
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be within [0.0, 1.0], got {prob}")
+        self.check(arch)
+        r = as_rng(rng)
+        stages = []
+        for st, ch in zip(arch.stages, self.stages):
+            width = r.choice(ch.widths) if r.random() < prob else st.width
+            depth = r.choice(ch.depths) if r.random() < prob else st.depth
+            old_exps = [b.expansion for b in st.blocks]
+            exps = [old_exps[i] if i < len(old_exps) else r.choice(ch.expansions) for i in range(depth)]
+            exps = [r.choice(ch.expansions) if r.random() < prob else e for e in exps]
+            old_attn = [b.mixer for b in st.blocks if b.mixer != ch.plain_mixer]
+            allowed = ch.attn_range(depth)
+            n_attn = len(old_attn) if len(old_attn) in allowed else r.choice(allowed)
+            if r.random() < prob:
+                n_attn = r.choice(allowed)
+            kept = old_attn[len(old_attn) - n_attn:] if n_attn else []
+            attn = [r.choice(ch.attn_mixers) for _ in range(n_attn - len(kept))] + kept
+            attn = [r.choice(ch.attn_mixers) if r.random() < prob else m for m in attn]
+            stages.append(self._stage(ch, width, exps, [ch.plain_mixer] * (depth - n_attn) + attn))
+        return self.check(self._arch(stages))
+
+    # --------------------------------------------------------------- slimming
+    def slimming_actions(self, arch: ArchConfig) -> list[SlimAction]:
+        """Every one-step slimming move from ``arch`` that stays in the space.
+
+        The moves (EfficientFormerV2's joint slimming, extended): shrink a stage's width
+        one step; drop the stage's last plain block or its last attention block; lower one
+        block's expansion one step; turn the first attention block into a plain block; and
+        switch an attention block to a cheaper attention mixer (softmax to linear).
+        """
+        self.check(arch)
+        actions: list[SlimAction] = []
+        for si, (st, ch) in enumerate(zip(arch.stages, self.stages)):
+            tag = f"s{si + 1}"
+            blocks = list(st.blocks)
+            n_attn = sum(b.mixer != ch.plain_mixer for b in blocks)
+            n_plain = len(blocks) - n_attn
+
+            def emit(name: str, new_blocks: list[BlockConfig], width: int = st.width) -> None:
+                cand = arch.replace_stage(si, StageConfig(width, tuple(new_blocks)))
+                if self.contains(cand):
+                    actions.append(SlimAction(name, cand))
+
+            wi = ch.widths.index(st.width)
+            if wi > 0:
+                emit(f"{tag}.width {st.width}->{ch.widths[wi - 1]}", blocks, ch.widths[wi - 1])
+            if n_plain:
+                emit(f"{tag}.drop block {n_plain}", blocks[: n_plain - 1] + blocks[n_plain:])
+            if n_attn:
+                emit(f"{tag}.drop attention block {len(blocks)}", blocks[:-1])
+                first = blocks[n_plain]
+                emit(f"{tag}.block {n_plain + 1} {first.mixer}->{ch.plain_mixer}",
+                     blocks[:n_plain] + [BlockConfig(ch.plain_mixer, first.expansion)] + blocks[n_plain + 1:])
+            for bi, b in enumerate(blocks):
+                ei = ch.expansions.index(b.expansion)
+                if ei > 0:
+                    nb = list(blocks)
+                    nb[bi] = BlockConfig(b.mixer, ch.expansions[ei - 1])
+                    emit(f"{tag}.block {bi + 1} expansion {b.expansion}->{ch.expansions[ei - 1]}", nb)
+                if b.mixer in ch.attn_mixers:
+                    mi = ch.attn_mixers.index(b.mixer)
+                    if mi > 0:
+                        nb = list(blocks)
+                        nb[bi] = BlockConfig(ch.attn_mixers[mi - 1], b.expansion)
+                        emit(f"{tag}.block {bi + 1} {b.mixer}->{ch.attn_mixers[mi - 1]}", nb)
+        return actions
+
+    def uniform(self, fraction: float) -> ArchConfig:
+        """A uniformly scaled config: every choice at the same relative position (0 = smallest, 1 = largest).
+
+        Used for the uniformly scaled baselines that searched subnets must beat.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be within [0.0, 1.0], got {fraction}")
+
+        def pick(seq: tuple[Any, ...]) -> Any:
+            return seq[round(fraction * (len(seq) - 1))]
+
+        stages = []
+        for ch in self.stages:
+            depth = pick(ch.depths)
+            r = ch.attn_range(depth)
+            n_attn = r[round(fraction * (len(r) - 1))]
+            mixers = [ch.plain_mixer] * (depth - n_attn) + ([pick(ch.attn_mixers)] * n_attn if n_attn else [])
+            stages.append(self._stage(ch, pick(ch.widths), [pick(ch.expansions)] * depth, mixers))
+        return self._arch(stages)
