@@ -68,7 +68,10 @@ class BlockConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "block") -> BlockConfig:
         _check_keys(d, {"mixer", "expansion"}, where)
-        return cls(mixer=d["mixer"], expansion=d["expansion"])
+        try:
+            return cls(mixer=d["mixer"], expansion=d["expansion"])
+        except SpaceError as exc:
+            raise SpaceError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -98,10 +101,11 @@ class StageConfig:
         _check_keys(d, {"width", "blocks"}, where)
         if not isinstance(d["blocks"], list):
             raise SpaceError(f"{where}.blocks must be a list, got {type(d['blocks']).__name__}")
-        return cls(
-            width=d["width"],
-            blocks=tuple(BlockConfig.from_dict(b, where=f"{where}.blocks[{i}]") for i, b in enumerate(d["blocks"])),
-        )
+        blocks = tuple(BlockConfig.from_dict(b, where=f"{where}.blocks[{i}]") for i, b in enumerate(d["blocks"]))
+        try:
+            return cls(width=d["width"], blocks=blocks)
+        except SpaceError as exc:
+            raise SpaceError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -174,19 +178,27 @@ class ArchConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "arch") -> ArchConfig:
         """Build from :meth:`to_dict` output, with errors that name the bad field."""
+        label = where or "architecture"
         if not isinstance(d, Mapping):
-            raise SpaceError(f"{where} must be a JSON object, got {type(d).__name__}")
-        _check_keys(d, {"family", "stages"}, where, optional={"stem_stride", "head_widths", "head_dim"})
+            raise SpaceError(f"{label} must be a JSON object, got {type(d).__name__}")
+        _check_keys(d, {"family", "stages"}, label, optional={"stem_stride", "head_widths", "head_dim"})
+        pre = f"{where}." if where else ""
         if not isinstance(d["stages"], list):
-            raise SpaceError(f"{where}.stages must be a list, got {type(d['stages']).__name__}")
-        stages = tuple(StageConfig.from_dict(s, where=f"{where}.stages[{i}]") for i, s in enumerate(d["stages"]))
-        return cls(
-            family=d["family"],
-            stages=stages,
-            stem_stride=d.get("stem_stride", 4),
-            head_widths=tuple(d.get("head_widths", ())),
-            head_dim=d.get("head_dim", 0),
-        )
+            raise SpaceError(f"{pre}stages must be a list, got {type(d['stages']).__name__}")
+        stages = tuple(StageConfig.from_dict(s, where=f"{pre}stages[{i}]") for i, s in enumerate(d["stages"]))
+        head_widths = d.get("head_widths", [])
+        if not isinstance(head_widths, list) or not all(isinstance(w, int) and w > 0 for w in head_widths):
+            raise SpaceError(f"{pre}head_widths must be a list of positive ints, got {head_widths!r}")
+        try:
+            return cls(
+                family=d["family"],
+                stages=stages,
+                stem_stride=d.get("stem_stride", 4),
+                head_widths=tuple(head_widths),
+                head_dim=d.get("head_dim", 0),
+            )
+        except SpaceError as exc:
+            raise SpaceError(f"{where}: {exc}" if where else str(exc)) from None
 
     def to_string(self) -> str:
         """Compact, human-readable, lossless form: ``family/sSTRIDE/W:mixerE,.../...``.

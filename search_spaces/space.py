@@ -134,6 +134,26 @@ class SearchSpace:
             "stages": [s.to_dict() for s in self.stages],
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SearchSpace:
+        """Inverse of :meth:`to_dict` (used to record a run's exact space in ``supernet.json``)."""
+        try:
+            stages = tuple(
+                StageChoices(tuple(s["widths"]), tuple(s["depths"]), tuple(s["expansions"]), s["plain_mixer"],
+                             tuple(s.get("attn_mixers", ())), s.get("max_attn", 0), s.get("min_attn", 0))
+                for s in d["stages"]
+            )
+            return cls(d["name"], d["family"], stages, d.get("stem_stride", 4), tuple(d.get("head_widths", ())),
+                       d.get("head_dim", 0))
+        except (KeyError, TypeError) as exc:
+            raise SpaceError(f"invalid search-space description: {exc!r}") from None
+
+    def with_stem_stride(self, stem_stride: int) -> SearchSpace:
+        """The same space with another stem stride (2 suits small images such as 32x32)."""
+        if stem_stride == self.stem_stride:
+            return self
+        return SearchSpace(self.name, self.family, self.stages, stem_stride, self.head_widths, self.head_dim)
+
     @property
     def hash(self) -> str:
         """Stable hash of the space's choices (12 hex digits); LUTs record it."""

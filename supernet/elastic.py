@@ -1,0 +1,278 @@
+"""Weight-sharing supernets for the EfficientFormer V1 and V2 spaces.
+
+Every position of the network (stem, each downsampling, each block slot, head) is an
+:class:`ElasticUnit` that stores full-size weights for every block kind that can sit there.
+For an active :class:`~search_spaces.BlockSpec` the unit slices those weights (the first
+``k`` channels, Once-for-All style) into exactly the parameter names and shapes of the static
+block, and runs the static block's own ``forward`` on them through
+:func:`torch.func.functional_call`. Extraction copies the same slices into a fresh static
+block. The supernet's output for an architecture and the extracted model's output are thus
+computed by the same code from the same numbers.
+
+Sharing inside a V2 block slot: the FFN (``mlp.*``, ``ls2``) is one set of weights whether the
+slot is an FFN block, an Attention4D block or a LiteMLA block; each mixer has its own weights.
+Depth is elastic by slot: a stage of depth ``d`` uses slots ``0 .. d-1``.
+"""
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from search_spaces import ArchConfig, BlockConfig, BlockSpec, SearchSpace, StageConfig, lower
+from search_spaces.errors import SpaceError
+
+from .blocks import build_block
+from .model import StaticNet, init_weights
+
+__all__ = ["ElasticUnit", "Supernet", "SUPPORTED_FAMILIES"]
+
+SUPPORTED_FAMILIES = ("efficientformer", "efficientformer_v2")
+
+#: Parameter-name prefixes that a kind takes from a donor kind in the same slot.
+_SHARED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ef2.attn_ffn": ("ef2.ffn", ("mlp.", "ls2")),
+    "ef2.lite_ffn": ("ef2.ffn", ("mlp.", "ls2")),
+}
+
+Slicer = Callable[[torch.Tensor, torch.Size, BlockSpec, BlockSpec], torch.Tensor]
+
+
+def _prefix(full: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if full.shape == shape:
+        return full
+    if full.ndim != len(shape) or any(s > f for s, f in zip(shape, full.shape)):
+        raise RuntimeError(f"cannot slice a {tuple(full.shape)} weight to {tuple(shape)}")
+    return full[tuple(slice(0, s) for s in shape)]
+
+
+def _lite_proj(full: torch.Tensor, shape: torch.Size, spec: BlockSpec, max_spec: BlockSpec) -> torch.Tensor:
+    """LiteMLA proj input channels are ``[scale 0: heads*dim, scale 1: heads*dim]``: not a prefix."""
+    td, td_max = spec.heads * spec.value_dim, max_spec.heads * max_spec.value_dim
+    w = full[: shape[0]]
+    if td == td_max:
+        return w
+    return torch.cat([w[:, :td], w[:, td_max: td_max + td]], dim=1)
+
+
+_SLICERS: dict[tuple[str, str], Slicer] = {
+    ("ef2.lite_ffn", "token_mixer.proj.conv.weight"): _lite_proj,
+}
+
+
+def _key(kind: str) -> str:
+    return kind.replace(".", "_")
+
+
+class ElasticUnit(nn.Module):
+    """One position of a supernet, holding full-size weights for each kind it can take.
+
+    Args:
+        max_specs: the largest spec of every kind allowed at this position.
+        templates: a shared cache ``spec key -> meta-device static block`` (the supernet owns it).
+    """
+
+    def __init__(self, max_specs: Iterable[BlockSpec], templates: _TemplateCache) -> None:
+        super().__init__()
+        self.max_specs = {s.kind: s for s in max_specs}
+        self.full = nn.ModuleDict()
+        for kind, spec in self.max_specs.items():
+            module = build_block(spec)
+            donor = _SHARED.get(kind)
+            if donor is not None and donor[0] in self.max_specs:
+                for name in [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)]:
+                    if any(name == p.rstrip(".") or name.startswith(p) for p in donor[1]):
+                        setattr(module, name, None)
+            self.full[_key(kind)] = module
+        self._templates = templates
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.max_specs)
+
+    def _source(self, kind: str, name: str) -> tuple[nn.Module, BlockSpec]:
+        donor = _SHARED.get(kind)
+        if donor is not None and donor[0] in self.max_specs and any(
+            name == p.rstrip(".") or name.startswith(p) for p in donor[1]
+        ):
+            return self.full[_key(donor[0])], self.max_specs[donor[0]]
+        return self.full[_key(kind)], self.max_specs[kind]
+
+    def state_for(self, spec: BlockSpec) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the static block for ``spec``, as slices (views) of the full weights."""
+        if spec.kind not in self.max_specs:
+            raise SpaceError(f"this supernet position cannot hold a {spec.kind!r} block (it holds {list(self.kinds)})")
+        template = self._templates.get(spec)
+        state: dict[str, torch.Tensor] = {}
+        for name, t in _tensors(template):
+            module, max_spec = self._source(spec.kind, name)
+            full = _get(module, name)
+            slicer = _SLICERS.get((spec.kind, name))
+            state[name] = slicer(full, t.shape, spec, max_spec) if slicer else _prefix(full, t.shape)
+        return state
+
+    def forward(self, x: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
+        template = self._templates.get(spec)
+        template.train(self.training)
+        return functional_call(template, self.state_for(spec), (x,), tie_weights=False, strict=True)
+
+    def export(self, spec: BlockSpec) -> nn.Module:
+        """A fresh static block for ``spec`` with the sliced weights copied in."""
+        block = build_block(spec)
+        state = {k: v.detach().clone() for k, v in self.state_for(spec).items()}
+        persistent = block.state_dict().keys()
+        missing, unexpected = block.load_state_dict({k: v for k, v in state.items() if k in persistent}, strict=True)
+        assert not missing and not unexpected
+        for name, t in _tensors(block):  # non-persistent buffers (index tables) too
+            if name not in persistent:
+                t.copy_(state[name])
+        return block
+
+
+def _tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def _get(module: nn.Module, name: str) -> torch.Tensor:
+    *path, leaf = name.split(".")
+    for p in path:
+        module = getattr(module, p)
+    return getattr(module, leaf)
+
+
+class _TemplateCache:
+    """Meta-device static blocks by spec key, least recently used evicted beyond ``capacity``."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._cache: OrderedDict[str, nn.Module] = OrderedDict()
+
+    def get(self, spec: BlockSpec) -> nn.Module:
+        key = spec.key
+        module = self._cache.get(key)
+        if module is None:
+            with torch.device("meta"):
+                module = build_block(spec)
+            self._cache[key] = module
+            if len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return module
+
+
+class Supernet(nn.Module):
+    """A weight-sharing supernet over a V1 or V2 search space.
+
+    Args:
+        space: the search space; its largest config sets the stored weight sizes.
+        num_classes: classifier outputs.
+        resolution: input side in pixels (attention-bias tables depend on it).
+        in_chans: input channels.
+        distillation: add ``head_dist``; ``None`` takes the family default.
+
+    The active architecture defaults to the largest. ``forward(x)`` runs the active one,
+    ``forward(x, arch)`` any config in the space.
+
+    >>> from search_spaces import get_space
+    >>> net = Supernet(get_space("efficientformer_v2_demo"), num_classes=10, resolution=32, in_chans=1)
+    >>> arch = net.sample(0)
+    >>> sub = net.get_active_subnet(arch).eval()
+    >>> x = torch.randn(2, 1, 32, 32)
+    >>> torch.allclose(net.eval()(x, arch), sub(x), atol=1e-5)
+    True
+    """
+
+    def __init__(self, space: SearchSpace, *, num_classes: int, resolution: int, in_chans: int = 3,
+                 distillation: bool | None = None) -> None:
+        super().__init__()
+        if space.family not in SUPPORTED_FAMILIES:
+            raise SpaceError(f"supernets exist for families {list(SUPPORTED_FAMILIES)}, not {space.family!r}")
+        self.space = space
+        self.num_classes, self.resolution, self.in_chans = num_classes, resolution, in_chans
+        self.distillation = distillation
+        self._templates = _TemplateCache()
+        self._lowered: OrderedDict[str, tuple[BlockSpec, ...]] = OrderedDict()
+        self.units = nn.ModuleDict()
+        for name, specs in self._max_specs().items():
+            self.units[name] = ElasticUnit(specs, self._templates)
+        init_weights(self)
+        self.active: ArchConfig = space.largest()
+
+    # ------------------------------------------------------------------ structure
+    @staticmethod
+    def unit_names(arch: ArchConfig) -> list[str]:
+        """Supernet positions used by ``arch``, in the order of its lowered specs."""
+        names = ["stem"]
+        for si, st in enumerate(arch.stages):
+            if si > 0:
+                names.append(f"down{si}")
+            names += [f"s{si}b{j}" for j in range(st.depth)]
+        return names + ["head"]
+
+    def _max_specs(self) -> dict[str, list[BlockSpec]]:
+        """For every position, the largest spec of each kind that can sit there."""
+        space = self.space
+        variants = []
+        for mixer_of in (lambda ch: ch.plain_mixer, lambda ch: ch.attn_mixers[-1] if ch.attn_mixers else None,
+                         lambda ch: ch.attn_mixers[0] if ch.attn_mixers else None):
+            stages = []
+            for ch in space.stages:
+                mixer = mixer_of(ch) or ch.plain_mixer
+                stages.append(StageConfig(ch.widths[-1], tuple(BlockConfig(mixer, ch.expansions[-1])
+                                                                for _ in range(ch.depths[-1]))))
+            variants.append(ArchConfig(space.family, tuple(stages), space.stem_stride,
+                                       space.head_widths, space.head_dim))
+        out: dict[str, dict[str, BlockSpec]] = {}
+        for arch in variants:
+            for name, spec in zip(self.unit_names(arch), self.lower(arch)):
+                out.setdefault(name, {}).setdefault(spec.kind, spec)
+        return {name: list(kinds.values()) for name, kinds in out.items()}
+
+    def lower(self, arch: ArchConfig) -> tuple[BlockSpec, ...]:
+        """The block specs of ``arch`` at this supernet's resolution and classes (cached)."""
+        key = arch.canonical_json()
+        specs = self._lowered.get(key)
+        if specs is None:
+            specs = lower(arch, resolution=self.resolution, num_classes=self.num_classes,
+                          in_chans=self.in_chans, distillation=self.distillation)
+            self._lowered[key] = specs
+            if len(self._lowered) > 4096:
+                self._lowered.popitem(last=False)
+        return specs
+
+    # ------------------------------------------------------------------ activation
+    def set_max(self) -> None:
+        self.active = self.space.largest()
+
+    def set_active(self, arch: ArchConfig) -> None:
+        self.active = self.space.check(arch)
+
+    def sample(self, rng: int | random.Random) -> ArchConfig:
+        return self.space.sample(rng)
+
+    def forward(self, x: torch.Tensor, arch: ArchConfig | None = None) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` of ``arch`` (default: the active config) for ``x`` ``(B, C, H, W)``."""
+        arch = self.active if arch is None else arch
+        for name, spec in zip(self.unit_names(arch), self.lower(arch)):
+            x = self.units[name](x, spec)
+        return x
+
+    def get_active_subnet(self, arch: ArchConfig | None = None) -> StaticNet:
+        """A standalone static model of ``arch`` (default: active) with the supernet's weights copied in."""
+        arch = self.space.check(self.active if arch is None else arch)
+        specs = self.lower(arch)
+        with torch.device("meta"):
+            net = StaticNet(arch, specs, resolution=self.resolution)
+        device = next(self.parameters()).device
+        blocks = [self.units[name].export(spec) for name, spec in zip(self.unit_names(arch), specs)]
+        net.blocks = nn.ModuleList(blocks).to(device)
+        return net.train(self.training)
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or "attention_biases" in n}
