@@ -1,0 +1,106 @@
+"""``nas-search``: find the most accurate subnet of a trained supernet within latency and size budgets.
+
+Accuracy is the supernet's shared weights with recalibrated BN on the validation split; latency
+comes from the LUTs built by nas-build-lut (predicted LUTs are labelled predicted everywhere).
+Outputs: subnet.json (the best feasible subnet), pareto.csv, pareto.png, pareto.html, search.json,
+and for --strategy slim the path.csv. Exit code 3 when nothing meets the budgets.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from search_spaces.fileio import atomic_write_text
+
+from ._cli import NasArgumentParser, announce, run_cli
+from .objectives import MesWeights
+from .search import SearchSettings
+from .search_run import NoFeasibleSubnet, SearchRunConfig, run_search
+
+EPILOG = """examples:
+  nas-search --latency 1.6ms --max-params 5M          defaults: latest supernet run, the one LUT here
+  nas-search --device local-cpu --latency 5ms --strategy nsga2 --n-trials 200
+  nas-search --latency iphone12=1.6ms --latency local-cpu=15ms --max-params 5M
+  nas-search --latency 1600us --max-macs 300M --supernet runs/fmnist --lut lut-iphone12-224.json
+  several workers on one study: nas-search ... --strategy nsga2 --storage postgresql://host/db --study-name s1
+
+units: latency 1.6ms, 1600us, 0.0016s; counts 5M, 500K, 5e6, 5000000
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d, m = SearchSettings(), MesWeights()
+    p = NasArgumentParser(prog="nas-search", description=__doc__, epilog=EPILOG)
+    p.add_argument("--latency", action="append", default=[], metavar="[DEVICE=]TIME",
+                   help="latency budget, repeatable; a bare value applies to --device")
+    p.add_argument("--device", help="device of bare --latency values and of the plots (default: the only LUT here)")
+    p.add_argument("--max-params", help="parameter budget, e.g. 5M")
+    p.add_argument("--max-macs", help="MAC budget, e.g. 300M")
+    p.add_argument("--supernet", help="supernet run folder (default: the latest one under this folder)")
+    p.add_argument("--lut", action="append", default=[], help="LUT file, repeatable (default: lut-DEVICE-RES.json here)")
+    p.add_argument("--out", help="output folder (default: runs/search, and subnet.json is also copied here)")
+    p.add_argument("--strategy", default=d.strategy, help="slim (EfficientFormerV2 joint slimming) or nsga2")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--val-images", type=int, default=2000, help="validation images per accuracy estimate")
+    p.add_argument("--calib-batches", type=int, default=8, help="BN recalibration batches per candidate")
+    p.add_argument("--no-progress", action="store_true", help="no per-step progress lines")
+    g = p.add_argument_group("slim")
+    g.add_argument("--max-actions", type=int, default=d.max_actions, help="evaluate at most N random actions per step (0: all)")
+    g.add_argument("--extra-steps", type=int, default=d.extra_steps, help="steps to continue after all budgets are met")
+    g = p.add_argument_group("nsga2")
+    g.add_argument("--n-trials", type=int, default=d.n_trials, help="trials in total (a rerun resumes the study)")
+    g.add_argument("--population-size", type=int, default=d.population_size)
+    g.add_argument("--storage", help="optuna storage URL (default: sqlite in --out); share it between workers")
+    g.add_argument("--study-name", default=d.study_name)
+    g = p.add_argument_group("MES = score * (latency / U_latency)^-a_latency * (params / U_params)^-a_params")
+    g.add_argument("--mes-u-latency", type=float, default=m.u_latency_ms, help="U_latency in ms")
+    g.add_argument("--mes-u-params", type=float, default=m.u_params, help="U_params")
+    g.add_argument("--mes-a-latency", type=float, default=m.a_latency, help="a_latency")
+    g.add_argument("--mes-a-params", type=float, default=m.a_params, help="a_params")
+    return p
+
+
+def _body(args: argparse.Namespace) -> int:
+    settings = SearchSettings(strategy=args.strategy, seed=args.seed, max_actions=args.max_actions,
+                              extra_steps=args.extra_steps, n_trials=args.n_trials,
+                              population_size=args.population_size, storage=args.storage,
+                              study_name=args.study_name)
+    weights = MesWeights(u_latency_ms=args.mes_u_latency, u_params=args.mes_u_params,
+                         a_latency=args.mes_a_latency, a_params=args.mes_a_params)
+    out = args.out or "runs/search"
+    if not args.out:
+        announce(f"nas-search: writing results to {out} (set --out to choose)")
+    cfg = SearchRunConfig(latency=tuple(args.latency), device=args.device, max_params=args.max_params,
+                          max_macs=args.max_macs, supernet=args.supernet, luts=tuple(args.lut), out=out,
+                          val_images=args.val_images, calib_batches=args.calib_batches, settings=settings,
+                          mes=weights)
+    try:
+        result = run_search(cfg, notify=announce, progress=None if args.no_progress else announce)
+    except NoFeasibleSubnet as exc:
+        sys.stderr.write(f"nas-search: {exc}\n")
+        return 3
+    b = result.best
+    print(f"best subnet: accuracy {100 * b.accuracy:.2f}% (validation, proxy), {b.params:,} params, "
+          f"{b.macs / 1e6:.1f}M MACs")
+    for dev, v in b.latency_ms.items():
+        src = result.subnet.metrics["latency_ms"][dev]["source"]
+        print(f"  {dev}: {v:.3f} ms ({src})")
+    print(f"  arch {b.arch.to_string()}")
+    o = result.outcome
+    print(f"search: {o.seconds:.1f} s, {len(o.candidates)} candidates ({o.evaluated} newly evaluated), "
+          f"{60 * len(o.candidates) / max(o.seconds, 1e-9):.1f} candidates/min")
+    print(f"files: {', '.join(str(p) for p in result.files.values())}")
+    if not args.out:
+        atomic_write_text(Path("subnet.json"), result.files["subnet.json"].read_text())
+        print("wrote subnet.json; next: nas-extract subnet.json")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("nas-search", build_parser(), _body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

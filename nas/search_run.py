@@ -1,0 +1,219 @@
+"""``run_search``: the one entry point of a search, from working-folder defaults to written results."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from search_spaces.errors import NasUserError
+from search_spaces.fileio import atomic_write_json
+from search_spaces.subnet_file import SubnetFile
+
+from .objectives import Budgets, MesWeights
+from .search import Candidate, LatencyModel, Scorer, SearchOutcome, SearchSettings, nsga2_search, slim_search
+
+__all__ = ["SearchRunConfig", "SearchResult", "NoFeasibleSubnet", "run_search", "find_luts", "load_latency_models"]
+
+logger = logging.getLogger(__name__)
+
+
+class NoFeasibleSubnet(NasUserError):
+    """No evaluated subnet meets every budget (the CLI exits with code 3)."""
+
+
+@dataclass(frozen=True)
+class SearchRunConfig:
+    """A search as the user asked for it (each field is one ``nas-search`` flag)."""
+
+    latency: tuple[str, ...] = ()
+    device: str | None = None
+    max_params: str | None = None
+    max_macs: str | None = None
+    supernet: str | None = None
+    luts: tuple[str, ...] = ()
+    out: str = "runs/search"
+    val_images: int = 2000
+    calib_batches: int = 8
+    settings: SearchSettings = field(default_factory=SearchSettings)
+    mes: MesWeights = field(default_factory=MesWeights)
+
+    def __post_init__(self) -> None:
+        if self.val_images < 10:
+            raise NasUserError(f"--val-images must be >= 10, got {self.val_images}")
+        if self.calib_batches < 1:
+            raise NasUserError(f"--calib-batches must be >= 1, got {self.calib_batches}")
+
+
+@dataclass
+class SearchResult:
+    out: Path
+    best: Candidate
+    subnet: SubnetFile
+    outcome: SearchOutcome
+    files: dict[str, Path]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def find_luts(folder: Path, resolution: int) -> dict[str, Path]:
+    """LUT files named ``lut-<device>-<resolution>.json`` in ``folder``, by device."""
+    out = {}
+    for p in sorted(folder.glob(f"lut-*-{resolution}.json")):
+        out[p.name[len("lut-"): -len(f"-{resolution}.json")]] = p
+    return out
+
+
+def load_latency_models(devices: list[str], explicit: dict[str, Path], run: Any) -> dict[str, LatencyModel]:
+    """One :class:`LatencyModel` per device from its LUT, refusing LUTs of another device, resolution or space."""
+    from latency import LatencyTable, predict_latency
+
+    models = {}
+    for device in devices:
+        path = explicit.get(device) or Path(f"lut-{device}-{run.resolution}.json")
+        if not path.is_file():
+            raise NasUserError(f"no latency LUT for device {device!r} at resolution {run.resolution} ({path}); "
+                               f"run: nas-build-lut --device {device}")
+        lut = LatencyTable.load(path)
+        lut.check_compatible(device=device, resolution=run.resolution, space_hash=run.space.hash)
+        models[device] = LatencyModel(device, lambda arch, lut=lut: predict_latency(arch, lut),
+                                      "predicted" if lut.predicted else "measured-lut", str(path), _sha256(path))
+    return models
+
+
+def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = None,
+               progress: Callable[[str], None] | None = None) -> SearchResult:
+    """Find the most accurate subnet within every budget, and write ``subnet.json`` and the reports.
+
+    Defaults come from the working folder: the latest finished supernet run, and the
+    ``lut-<device>-<resolution>.json`` files for that run's resolution.
+
+    Raises:
+        NasUserError: bad budgets, no supernet run, no or incompatible LUT.
+        NoFeasibleSubnet: nothing meets the budgets (the message gives the smallest reachable figures).
+    """
+    from supernet.run import find_latest_run, load_run, load_supernet
+
+    from .accuracy import AccuracyEvaluator, load_run_splits
+    from .report import plot_pareto_png, summary_table, write_csv, write_pareto_csv, write_pareto_html
+    from ._provenance import environment
+
+    say = notify or logger.info
+    if cfg.supernet is None:
+        run_dir = find_latest_run(".")
+        say(f"nas-search: using the latest supernet run {run_dir} (set --supernet to choose)")
+    else:
+        run_dir = Path(cfg.supernet)
+    run = load_run(run_dir)
+
+    explicit: dict[str, Path] = {}
+    for item in cfg.luts:
+        p = Path(item)
+        from latency import LatencyTable
+        explicit[LatencyTable.load(p).device] = p
+    default_device = cfg.device
+    if default_device is None:
+        bare = [v for v in cfg.latency if "=" not in v]
+        if bare or not cfg.latency:
+            found = {**find_luts(Path("."), run.resolution), **explicit}
+            if len(found) == 1:
+                default_device = next(iter(found))
+                say(f"nas-search: using device {default_device!r} from {found[default_device]} "
+                    f"(set --device to choose)")
+            elif not found:
+                raise NasUserError(f"no latency LUT for resolution {run.resolution} in this folder; "
+                                   f"run: nas-build-lut --device DEVICE (e.g. iphone12 or local-cpu)")
+            else:
+                raise NasUserError(f"several LUTs for resolution {run.resolution} ({', '.join(sorted(found))}); "
+                                   f"pass --device to say which one a bare --latency refers to")
+    budgets = Budgets.parse(cfg.latency, default_device=default_device, max_params=cfg.max_params,
+                            max_macs=cfg.max_macs)
+    devices = list(dict.fromkeys([*([default_device] if default_device else []), *budgets.latency_ms]))
+    primary = devices[0]
+    models = load_latency_models(devices, explicit, run)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    net = load_supernet(run)
+    splits = load_run_splits(run)
+    evaluator = AccuracyEvaluator(net, splits, val_images=cfg.val_images, calib_batches=cfg.calib_batches,
+                                  seed=cfg.settings.seed, cache_path=out / "accuracy_cache.jsonl")
+    if len(evaluator):
+        say(f"nas-search: {len(evaluator)} cached accuracies in {out / 'accuracy_cache.jsonl'} will be reused")
+    scorer = Scorer(space=run.space, accuracy=evaluator, latency=models, budgets=budgets, primary_device=primary,
+                    lower=net.lower, weights=cfg.mes)
+    if cfg.settings.strategy == "slim":
+        outcome = slim_search(scorer, cfg.settings, progress=progress)
+    else:
+        storage = cfg.settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+        outcome = nsga2_search(scorer, cfg.settings, storage=_storage(storage), progress=progress)
+    outcome.evaluated = evaluator.evaluated
+
+    files: dict[str, Path] = {}
+    lat_budget = budgets.latency_ms.get(primary)
+    source = models[primary].source
+    files["pareto.csv"] = write_pareto_csv(out / "pareto.csv", outcome.candidates, primary)
+    files["pareto.png"] = plot_pareto_png(out / "pareto.png", outcome.candidates, primary, budget_ms=lat_budget,
+                                          source=source, best=outcome.best)
+    files["pareto.html"] = write_pareto_html(out / "pareto.html", outcome.candidates, primary, budget_ms=lat_budget,
+                                             budgets_text=_budgets_text(budgets), source=source, best=outcome.best)
+    if outcome.path:
+        files["path.csv"] = write_csv(out / "path.csv", outcome.path)
+    summary = {
+        "strategy": cfg.settings.strategy, "settings": asdict(cfg.settings), "budgets": budgets.to_dict(),
+        "primary_device": primary, "seconds": outcome.seconds, "candidates": len(outcome.candidates),
+        "evaluated": outcome.evaluated,
+        "candidates_per_minute": 60 * len(outcome.candidates) / max(outcome.seconds, 1e-9),
+        "supernet_run": str(run.path), "feasible": sum(c.feasible for c in outcome.candidates),
+    }
+    files["search.json"] = atomic_write_json(out / "search.json", summary)
+    print(summary_table(outcome.candidates, primary, best=outcome.best), file=sys.stderr)
+
+    if outcome.best is None:
+        smallest = run.space.smallest()
+        params, macs, lat = scorer.cheap(smallest)
+        reach = ", ".join(f"{d} {v:.3f} ms" for d, v in lat.items())
+        raise NoFeasibleSubnet(
+            f"no subnet meets the budgets ({_budgets_text(budgets)}) among {len(outcome.candidates)} candidates; "
+            f"the smallest config of the space reaches {reach}, {params / 1e6:.3f}M params, {macs / 1e6:.1f}M MACs")
+
+    best = outcome.best
+    sub = SubnetFile(
+        best.arch, resolution=run.resolution, num_classes=run.num_classes, in_chans=run.in_chans,
+        distillation=net.lower(best.arch)[-1].distillation,
+        metrics={
+            "params": best.params, "macs": best.macs, "proxy_accuracy": best.accuracy, "mes": best.mes,
+            "latency_ms": {d: {"value": v, "source": models[d].source} for d, v in best.latency_ms.items()},
+        },
+        provenance={
+            "supernet_run": str(run.path.resolve()), "supernet_sha256": run.weights_sha256,
+            "space_name": run.space.name, "space_hash": run.space.hash,
+            "luts": {d: {"path": str(Path(m.lut_path).resolve()), "sha256": m.lut_sha256, "source": m.source}
+                     for d, m in models.items()},
+            "search": {"strategy": cfg.settings.strategy, "budgets": budgets.to_dict(), "folder": str(out)},
+            "command": sys.argv, "environment": environment(),
+        },
+    )
+    files["subnet.json"] = sub.save(out / "subnet.json")
+    return SearchResult(out, best, sub, outcome, files)
+
+
+def _storage(url: str) -> Any:
+    if url.startswith("sqlite:"):
+        import optuna
+
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return url
+
+
+def _budgets_text(b: Budgets) -> str:
+    parts = [f"{d} <= {v:g} ms" for d, v in b.latency_ms.items()]
+    if b.max_params is not None:
+        parts.append(f"params <= {b.max_params / 1e6:g}M")
+    if b.max_macs is not None:
+        parts.append(f"MACs <= {b.max_macs / 1e6:g}M")
+    return ", ".join(parts) or "no budgets"

@@ -1,0 +1,137 @@
+"""Finished supernet runs on disk: finding the latest one, validating it, loading it.
+
+A run folder is complete when it holds ``supernet.json`` (with ``"complete": true``) and
+``supernet.safetensors`` whose SHA-256 matches the one recorded in the JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search_spaces import SearchSpace
+from search_spaces.errors import FileFormatError, NasUserError
+from search_spaces.fileio import read_json
+
+__all__ = ["SupernetRun", "find_latest_run", "load_run", "load_supernet"]
+
+_SEARCH_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class SupernetRun:
+    """A finished ``nas-train`` run (metadata only; :func:`load_supernet` loads the weights)."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def space(self) -> SearchSpace:
+        return SearchSpace.from_dict(self.meta["space"])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.meta["resolution"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.meta["in_chans"])
+
+    @property
+    def dataset(self) -> str:
+        return str(self.meta["recipe"]["dataset"])
+
+    @property
+    def weights_sha256(self) -> str:
+        return str(self.meta["weights_sha256"])
+
+    @property
+    def hash(self) -> str:
+        """Short provenance hash of the supernet weights."""
+        return self.weights_sha256[:12]
+
+
+def _candidates(root: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in ("node_modules", "__pycache__")]
+        if depth >= _SEARCH_DEPTH:
+            dirnames[:] = []
+        if "supernet.json" in filenames and "supernet.safetensors" in filenames:
+            found.append(Path(dirpath))
+    return found
+
+
+def find_latest_run(root: str | os.PathLike[str] = ".") -> Path:
+    """The most recently finished supernet run under ``root`` (searched a few folders deep).
+
+    Raises:
+        NasUserError: there is none; the message says to run ``nas-train`` first.
+    """
+    root = Path(root)
+    runs = []
+    for path in _candidates(root):
+        try:
+            meta = read_json(path / "supernet.json", what="supernet.json")
+        except FileFormatError:
+            continue
+        if isinstance(meta, dict) and meta.get("complete"):
+            runs.append(((path / "supernet.json").stat().st_mtime, path))
+    if not runs:
+        raise NasUserError(f"no finished supernet run (supernet.json + supernet.safetensors) under {str(root)!r}; "
+                           f"run nas-train first, or pass --supernet RUN_DIR")
+    return max(runs)[1]
+
+
+def load_run(path: str | os.PathLike[str], *, check_weights: bool = True) -> SupernetRun:
+    """Read and validate a run folder's ``supernet.json`` (and the weights' checksum).
+
+    Raises:
+        FileFormatError: missing, incomplete or corrupt run.
+    """
+    path = Path(path)
+    if path.is_file() and path.name == "supernet.json":
+        path = path.parent
+    if not path.is_dir():
+        raise FileFormatError(f"supernet run {str(path)!r} does not exist; run nas-train first")
+    meta = read_json(path / "supernet.json", what="supernet.json")
+    if not isinstance(meta, dict) or meta.get("schema") != 1:
+        raise FileFormatError(f"{path / 'supernet.json'} is not a supernet.json of schema 1")
+    if not meta.get("complete"):
+        raise FileFormatError(f"supernet run {str(path)!r} is incomplete; rerun its nas-train command to finish it")
+    for key in ("space", "resolution", "num_classes", "in_chans", "recipe", "weights_sha256"):
+        if key not in meta:
+            raise FileFormatError(f"{path / 'supernet.json'} is missing field {key!r}")
+    weights = path / "supernet.safetensors"
+    if not weights.is_file():
+        raise FileFormatError(f"supernet run {str(path)!r} has no supernet.safetensors; rerun nas-train")
+    if check_weights and hashlib.sha256(weights.read_bytes()).hexdigest() != meta["weights_sha256"]:
+        raise FileFormatError(f"{weights} does not match the checksum in supernet.json (modified or corrupt)")
+    try:
+        SearchSpace.from_dict(meta["space"])
+    except NasUserError as exc:
+        raise FileFormatError(f"{path / 'supernet.json'}: {exc}") from None
+    return SupernetRun(path, meta)
+
+
+def load_supernet(run: SupernetRun | str | os.PathLike[str], *, device: str = "cpu"):  # -> Supernet
+    """Build the run's supernet and load its weights (safetensors; nothing is unpickled)."""
+    from .checkpoint import load_tensors
+    from .elastic import Supernet
+
+    run = run if isinstance(run, SupernetRun) else load_run(run)
+    net = Supernet(run.space, num_classes=run.num_classes, resolution=run.resolution, in_chans=run.in_chans)
+    tensors, _ = load_tensors(run.path / "supernet.safetensors", what="supernet weights")
+    missing, unexpected = net.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise FileFormatError(f"{run.path / 'supernet.safetensors'} does not fit the recorded space: "
+                              f"{len(missing)} missing and {len(unexpected)} unexpected tensors "
+                              f"(e.g. {(missing or unexpected)[:3]})")
+    return net.to(device).eval()
