@@ -1,0 +1,359 @@
+"""Device profiles: what to run on a device and how to time it.
+
+A :class:`DeviceProfile` names a deployment target and fixes everything that
+changes a latency figure: the runtime (ONNX Runtime or CoreML), thread count,
+batch size, precision, execution providers or compute units, graph
+optimisation level, and the number of warm-up and timed runs.
+
+Three profiles are built in (see :func:`list_profiles`):
+
+``local-cpu``
+    ONNX Runtime on this machine's CPU, 1 thread, all graph optimisations,
+    fp32. Measured here, directly.
+``snapdragon855``
+    ONNX Runtime on the arm64 CPU of a Snapdragon 855 phone (Pixel 4 class).
+    **One thread**: a single big core is what mobile NAS papers
+    (MnasNet, ProxylessNAS, Once-for-All, nn-Meter) report, and it is the most
+    reproducible setting on a big.LITTLE chip, where more threads let the
+    scheduler mix fast and slow cores. Pin the runner to the prime core
+    (``taskset 80 python runner.py``) on the phone. Use
+    ``get_profile("snapdragon855", threads=4)`` to profile the four big cores.
+    Not local: measured through a bundle.
+``iphone12``
+    CoreML ``mlprogram``, fp16, compute units ALL (CPU, GPU and Neural
+    Engine), minimum deployment target iOS16. Not local: converted here,
+    timed on Apple hardware.
+
+Users add devices without code through a TOML or JSON file whose keys are the
+fields of :class:`DeviceProfile` (:func:`load_profile_file`). A file may start
+from a built-in with ``base = "snapdragon855"`` and override some fields::
+
+    name = "pixel7-4t"
+    base = "snapdragon855"
+    threads = 4
+    description = "Tensor G2, ONNX Runtime, four threads"
+
+>>> get_profile("local-cpu").backend
+'onnxruntime'
+>>> get_profile("snapdragon855", threads=4).threads
+4
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search_spaces.errors import FileFormatError, NasUserError
+
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "COMPUTE_UNITS",
+    "DEPLOYMENT_TARGETS",
+    "GRAPH_OPTIMIZATIONS",
+    "DeviceProfile",
+    "get_profile",
+    "list_profiles",
+    "load_profile_file",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("onnxruntime", "coreml")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+COMPUTE_UNITS: tuple[str, ...] = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
+DEPLOYMENT_TARGETS: tuple[str, ...] = (
+    "iOS15", "iOS16", "iOS17", "iOS18", "iOS26", "macOS12", "macOS13", "macOS14", "macOS15", "macOS26",
+)
+GRAPH_OPTIMIZATIONS: tuple[str, ...] = ("disabled", "basic", "extended", "all")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_MODEL_FORMATS = {"onnxruntime": "onnx", "coreml": "mlpackage"}
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if type(value) is not int or value < minimum:  # bool is not an int here
+        raise NasUserError(f"`{field}` must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise NasUserError(f"`{field}` must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceProfile:
+    """How to measure latency on one device.
+
+    Attributes:
+        name: short identifier used in file names (``lut-<name>-<res>.json``);
+            letters, digits, ``.``, ``_`` and ``-``.
+        backend: ``"onnxruntime"`` or ``"coreml"``.
+        is_local: True when this machine can measure it directly; otherwise
+            measurement goes through a bundle run on the device.
+        threads: intra-op threads of the runtime (ONNX Runtime); recorded, not
+            applied, for CoreML.
+        batch: batch size of every measured input (the leading dimension).
+        precision: ``"fp32"`` or ``"fp16"`` (fp16 needs the coreml backend).
+        compute_units: CoreML compute units: ALL, CPU_ONLY, CPU_AND_GPU or
+            CPU_AND_NE.
+        minimum_deployment_target: CoreML target, ``"iOS16"`` and so on.
+        providers: ONNX Runtime execution providers, in priority order.
+        graph_optimization: ONNX Runtime level: disabled, basic, extended or all.
+        warmup: untimed runs before timing, per model.
+        repeats: timed runs per model (each one a replicate in the stats).
+        description: free text shown in reports.
+
+    Raises:
+        NasUserError: on construction, for any field outside its allowed values.
+    """
+
+    name: str
+    backend: str
+    is_local: bool = False
+    threads: int = 1
+    batch: int = 1
+    precision: str = "fp32"
+    compute_units: str = "ALL"
+    minimum_deployment_target: str = "iOS16"
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    graph_optimization: str = "all"
+    warmup: int = 10
+    repeats: int = 50
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
+            raise NasUserError(
+                f"`name` must start with a letter or digit and use only letters, digits, '.', '_' "
+                f"and '-' (it becomes part of file names); got {self.name!r}"
+            )
+        _check_choice("backend", self.backend, BACKENDS)
+        if type(self.is_local) is not bool:
+            raise NasUserError(f"`is_local` must be true or false, got {self.is_local!r}")
+        _check_int("threads", self.threads, 1)
+        _check_int("batch", self.batch, 1)
+        _check_choice("precision", self.precision, PRECISIONS)
+        if self.precision == "fp16" and self.backend != "coreml":
+            raise NasUserError(
+                f"`precision` 'fp16' needs backend 'coreml'; ONNX Runtime profiles measure fp32 models "
+                f"(profile {self.name!r})"
+            )
+        _check_choice("compute_units", self.compute_units, COMPUTE_UNITS)
+        _check_choice("minimum_deployment_target", self.minimum_deployment_target, DEPLOYMENT_TARGETS)
+        providers = self.providers
+        if isinstance(providers, str) or not isinstance(providers, (list, tuple)):
+            raise NasUserError(
+                f"`providers` must be a list of ONNX Runtime execution providers such as "
+                f"['CPUExecutionProvider'], got {providers!r}"
+            )
+        if not providers or not all(isinstance(p, str) and p.endswith("ExecutionProvider") for p in providers):
+            raise NasUserError(
+                f"`providers` must be a non-empty list of names ending in 'ExecutionProvider' "
+                f"(e.g. 'CPUExecutionProvider'), got {list(providers)!r}"
+            )
+        object.__setattr__(self, "providers", tuple(providers))
+        _check_choice("graph_optimization", self.graph_optimization, GRAPH_OPTIMIZATIONS)
+        _check_int("warmup", self.warmup, 0)
+        _check_int("repeats", self.repeats, 1)
+        if not isinstance(self.description, str):
+            raise NasUserError(f"`description` must be a string, got {self.description!r}")
+
+    @property
+    def model_format(self) -> str:
+        """File format of the models this device runs: ``"onnx"`` or ``"mlpackage"``."""
+        return _MODEL_FORMATS[self.backend]
+
+    def with_threads(self, threads: int) -> DeviceProfile:
+        """Return a copy with another thread count (validated)."""
+        return dataclasses.replace(self, threads=threads)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (``providers`` as a list)."""
+        out = dataclasses.asdict(self)
+        out["providers"] = list(self.providers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DeviceProfile:
+        """Build a profile from a dict such as :meth:`to_dict` returns.
+
+        ``name`` and ``backend`` are required; other fields take the class
+        defaults, except ``precision``, which defaults to ``"fp16"`` for coreml
+        and ``"fp32"`` for onnxruntime.
+
+        Raises:
+            NasUserError: not a dict, unknown or missing keys, or a bad value.
+        """
+        if not isinstance(data, dict):
+            raise NasUserError(f"a device profile must be a table/object of fields, got {type(data).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise NasUserError(
+                f"unknown profile field(s) {', '.join(map(repr, unknown))}; allowed fields: {', '.join(allowed)}"
+            )
+        missing = [k for k in ("name", "backend") if k not in data]
+        if missing:
+            raise NasUserError(f"profile is missing required field(s) {', '.join(map(repr, missing))}")
+        kwargs = dict(data)
+        if "precision" not in kwargs:
+            kwargs["precision"] = "fp16" if kwargs["backend"] == "coreml" else "fp32"
+        return cls(**kwargs)
+
+
+_BUILTIN: dict[str, DeviceProfile] = {
+    p.name: p
+    for p in (
+        DeviceProfile(
+            name="local-cpu",
+            backend="onnxruntime",
+            is_local=True,
+            threads=1,
+            warmup=5,
+            repeats=30,
+            description="ONNX Runtime on this machine's CPU, fp32, all graph optimisations",
+        ),
+        DeviceProfile(
+            name="snapdragon855",
+            backend="onnxruntime",
+            is_local=False,
+            threads=1,
+            description=(
+                "ONNX Runtime on a Snapdragon 855 (arm64, Cortex-A76 big cores), fp32, one thread on a big "
+                "core; run the bundle with `taskset 80` to pin it to the prime core"
+            ),
+        ),
+        DeviceProfile(
+            name="iphone12",
+            backend="coreml",
+            is_local=False,
+            precision="fp16",
+            compute_units="ALL",
+            minimum_deployment_target="iOS16",
+            description="iPhone 12 (A14), CoreML mlprogram, fp16, compute units ALL, iOS16",
+        ),
+    )
+}
+
+
+def list_profiles() -> list[str]:
+    """Names of the built-in profiles, sorted.
+
+    >>> list_profiles()
+    ['iphone12', 'local-cpu', 'snapdragon855']
+    """
+    return sorted(_BUILTIN)
+
+
+def get_profile(name: str | os.PathLike[str], *, threads: int | None = None) -> DeviceProfile:
+    """Look up a built-in profile by name, or load one from a ``.toml``/``.json`` file.
+
+    Args:
+        name: a built-in name (see :func:`list_profiles`) or the path of a
+            profile file.
+        threads: override the profile's thread count.
+
+    Returns:
+        The profile.
+
+    Raises:
+        NasUserError: unknown name (the message lists the known names), or a
+            bad ``threads``.
+        FileFormatError: the profile file is missing or invalid.
+
+    >>> get_profile("iphone12").precision
+    'fp16'
+    """
+    text = os.fspath(name)
+    if text in _BUILTIN:
+        profile = _BUILTIN[text]
+    elif text.lower().endswith((".toml", ".json")):
+        profile = load_profile_file(text)
+    else:
+        raise NasUserError(
+            f"unknown device profile {text!r}; known profiles: {', '.join(list_profiles())} "
+            f"(or pass the path of a .toml/.json profile file)"
+        )
+    if threads is not None:
+        profile = profile.with_threads(threads)
+    return profile
+
+
+def _read_profile_mapping(path: Path) -> dict[str, Any]:
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise FileFormatError(f"profile file {str(path)!r} must end in .toml or .json")
+    if not path.is_file():
+        raise FileFormatError(f"profile file {str(path)!r} does not exist or is not a file")
+    raw = path.read_bytes()
+    if suffix == ".json":
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FileFormatError(f"profile file {str(path)!r} is not valid JSON: {exc}") from None
+    else:
+        try:
+            import tomllib  # Python 3.11+
+        except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ModuleNotFoundError:
+                raise FileFormatError(
+                    f"reading TOML profile {str(path)!r} needs Python 3.11+ or `pip install tomli`; "
+                    f"or write the profile as JSON"
+                ) from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise FileFormatError(f"profile file {str(path)!r} is not valid TOML: {exc}") from None
+    if not isinstance(data, dict):
+        raise FileFormatError(f"profile file {str(path)!r} must hold one object of profile fields")
+    return data
+
+
+def load_profile_file(path: str | os.PathLike[str]) -> DeviceProfile:
+    """Read a device profile from a TOML or JSON file.
+
+    The keys are the fields of :class:`DeviceProfile`. ``name`` is required;
+    ``backend`` is required unless ``base`` names a built-in profile whose
+    fields the file then overrides.
+
+    Args:
+        path: a ``.toml`` or ``.json`` file.
+
+    Returns:
+        The validated profile.
+
+    Raises:
+        FileFormatError: the file is missing or unreadable, or a field is
+            unknown, missing or invalid (the message names the file and the
+            field).
+    """
+    path = Path(path)
+    data = _read_profile_mapping(path)
+    base_name = data.pop("base", None)
+    if base_name is not None:
+        if base_name not in _BUILTIN:
+            raise FileFormatError(
+                f"profile file {str(path)!r}: `base` must be one of {', '.join(list_profiles())}; "
+                f"got {base_name!r}"
+            )
+        if "name" not in data:
+            raise FileFormatError(f"profile file {str(path)!r}: `name` is required (a profile based on "
+                                  f"{base_name!r} needs its own name)")
+        merged = _BUILTIN[base_name].to_dict()
+        merged.update(data)
+        data = merged
+    try:
+        profile = DeviceProfile.from_dict(data)
+    except NasUserError as exc:
+        raise FileFormatError(f"profile file {str(path)!r}: {exc}") from None
+    logger.debug("loaded device profile %s from %s", profile.name, path)
+    return profile
+
