@@ -26,7 +26,7 @@ dataset:
 		$(SUDO) apt-get install -y dataset-fashion-mnist || { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }; \
 	fi
 
-test: install
+test: install dataset
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 demo: install dataset
