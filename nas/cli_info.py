@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from search_spaces import get_preset, list_presets, lower, count_macs, count_params
@@ -17,6 +18,7 @@ EPILOG = """examples:
   nas-info runs/search1/subnet.json         a searched subnet
   nas-info efficientformer_l1 --resolution 448 --num-classes 10
   nas-info --list                           every preset with its exact parameter count
+  nas-info subnet.json --lut lut-iphone12-224.json   + latency from a LUT (predicted ones are labelled)
 """
 
 
@@ -28,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="input side in pixels (default: 224 or the file's)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: 1000 or the file's)")
     p.add_argument("--in-chans", type=int, help="input channels (default: 3 or the file's)")
+    p.add_argument("--lut", action="append", default=[],
+                   help="LUT file for a latency figure, repeatable (default: lut-*-<resolution>.json here)")
     return p
 
 
@@ -49,7 +53,8 @@ def _body(args: argparse.Namespace) -> int:
         build_parser().error("give a preset name or a subnet.json file, or --list")
     name, sub = resolve_target(args.target, resolution=args.resolution, num_classes=args.num_classes,
                                in_chans=args.in_chans)
-    info = describe(name, sub)
+    luts = [Path(p) for p in args.lut] or sorted(Path(".").glob(f"lut-*-{sub.resolution}.json"))
+    info = describe(name, sub, luts=luts)
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0
 

@@ -1,6 +1,7 @@
 """Describe an architecture: blocks, exact parameters and MACs (``nas-info``)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from search_spaces import (
 from search_spaces.errors import NasUserError
 from search_spaces.subnet_file import SubnetFile
 
-__all__ = ["resolve_target", "describe", "format_table"]
+__all__ = ["resolve_target", "describe", "format_table", "lut_latencies"]
 
 
 def resolve_target(target: str, *, resolution: int | None = None, num_classes: int | None = None,
@@ -54,8 +55,33 @@ def _stage_labels(specs: tuple[BlockSpec, ...]) -> list[str]:
     return labels
 
 
-def describe(name: str, sub: SubnetFile) -> dict[str, Any]:
-    """Everything ``nas-info --json`` prints: totals and one row per block."""
+def lut_latencies(sub: SubnetFile, luts: list[Path]) -> dict[str, dict[str, Any]]:
+    """Latency of ``sub`` from each LUT that fits its resolution, labelled measured-lut or predicted.
+
+    A LUT that does not cover the architecture (another space) gives an ``error`` entry instead.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    if not luts:
+        return out
+    from latency import LatencyTable, predict_latency
+
+    for path in luts:
+        try:
+            lut = LatencyTable.load(path)
+            lut.check_compatible(resolution=sub.resolution)
+            if (lut.num_classes, lut.in_chans) != (sub.num_classes, sub.in_chans):
+                continue
+            value = predict_latency(sub.arch, lut)
+        except NasUserError as exc:
+            out[path.stem] = {"error": str(exc).split(";")[0], "lut": str(path)}
+            continue
+        out[lut.device] = {"value": value, "source": "predicted" if lut.predicted else "measured-lut",
+                           "lut": str(path)}
+    return out
+
+
+def describe(name: str, sub: SubnetFile, *, luts: list[Path] | None = None) -> dict[str, Any]:
+    """Everything ``nas-info --json`` prints: totals, one row per block, and latency per LUT given."""
     specs = sub.specs()
     blocks = []
     for label, s in zip(_stage_labels(specs), specs):
@@ -78,6 +104,7 @@ def describe(name: str, sub: SubnetFile) -> dict[str, Any]:
         "widths": list(arch.widths),
         "depths": list(arch.depths),
         "blocks": blocks,
+        "latency_ms": lut_latencies(sub, luts or []),
         "metrics": dict(sub.metrics),
     }
 
@@ -97,6 +124,12 @@ def format_table(info: dict[str, Any]) -> str:
             f"{b['hidden'] or '':>6} {b['params']:>12,} {b['macs']:>14,}"
         )
     lines += ["", f"  parameters {info['params']:,}   MACs {info['macs']:,} ({info['macs'] / 1e9:.3f} G)"]
+    for device, v in info.get("latency_ms", {}).items():
+        if "value" in v:
+            label = "PREDICTED (analytical prior, not measured)" if v["source"] == "predicted" else "from a measured LUT"
+            lines.append(f"  latency on {device}: {v['value']:.3f} ms, {label} ({v['lut']})")
+        else:
+            lines.append(f"  latency from {v['lut']}: not available ({v['error']})")
     for key, value in info.get("metrics", {}).items():
-        lines.append(f"  {key}: {value}")
+        lines.append(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     return "\n".join(lines)
