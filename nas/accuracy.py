@@ -50,7 +50,8 @@ class AccuracyEvaluator:
         n = min(val_images, len(splits.val))
         self.val = ImageSplit(splits.val.images[:n], splits.val.labels[:n], splits.val.mean, splits.val.std)
         nb = max(1, min(calib_batches, len(splits.train) // calib_batch_size))
-        self.calib = calibration_batches(splits.train, batch_size=calib_batch_size, num_batches=nb, seed=seed)
+        self.calib = calibration_batches(splits.train, batch_size=calib_batch_size, num_batches=nb, seed=seed,
+                                         channels_last=True)
         self.batch_size = batch_size
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self._cache: dict[str, float] = {}
@@ -75,8 +76,9 @@ class AccuracyEvaluator:
         hit = self._cache.get(arch.hash)
         if hit is not None:
             return hit
-        model = recalibrate_bn(self.net, arch, self.calib)
-        loader = make_loader(self.val, batch_size=self.batch_size, shuffle=False, seed=0)
+        model = self.net.get_active_subnet(arch).to(memory_format=torch.channels_last)
+        model = recalibrate_bn(model, None, self.calib)
+        loader = make_loader(self.val, batch_size=self.batch_size, shuffle=False, seed=0, channels_last=True)
         acc = evaluate(model, loader)
         self._cache[arch.hash] = acc
         self.evaluated += 1

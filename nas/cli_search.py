@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from search_spaces.errors import NasUserError
 from search_spaces.fileio import atomic_write_text
 
 from ._cli import NasArgumentParser, announce, run_cli
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=d.strategy, help="slim (EfficientFormerV2 joint slimming) or nsga2")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--val-images", type=int, default=2000, help="validation images per accuracy estimate")
-    p.add_argument("--calib-batches", type=int, default=8, help="BN recalibration batches per candidate")
+    p.add_argument("--calib-batches", type=int, default=4,
+                   help="BN recalibration batches of 128 training images per candidate (default 4)")
+    p.add_argument("--threads", type=int, help="torch threads for accuracy evaluation (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no per-step progress lines")
     g = p.add_argument_group("slim")
     g.add_argument("--max-actions", type=int, default=d.max_actions, help="evaluate at most N random actions per step (0: all)")
@@ -63,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _body(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise NasUserError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     settings = SearchSettings(strategy=args.strategy, seed=args.seed, max_actions=args.max_actions,
                               extra_steps=args.extra_steps, n_trials=args.n_trials,
                               population_size=args.population_size, storage=args.storage,

@@ -36,7 +36,7 @@ class SearchRunConfig:
     luts: tuple[str, ...] = ()
     out: str = "runs/search"
     val_images: int = 2000
-    calib_batches: int = 8
+    calib_batches: int = 4
     settings: SearchSettings = field(default_factory=SearchSettings)
     mes: MesWeights = field(default_factory=MesWeights)
 

@@ -224,6 +224,7 @@ class Supernet(nn.Module):
         self.distillation = distillation
         self._templates = _TemplateCache()
         self._lowered: OrderedDict[str, tuple[BlockSpec, ...]] = OrderedDict()
+        self._valid: set[str] = set()
         self.units = nn.ModuleDict()
         for name, specs in self._max_specs().items():
             self.units[name] = ElasticUnit(specs, self._templates)
@@ -273,6 +274,13 @@ class Supernet(nn.Module):
         return specs
 
     # ------------------------------------------------------------------ activation
+    def _checked(self, arch: ArchConfig) -> ArchConfig:
+        """``arch`` if it is in the space (remembered by hash), else a SpaceError naming the choice."""
+        if arch.hash not in self._valid:
+            self.space.check(arch)
+            self._valid.add(arch.hash)
+        return arch
+
     def set_max(self) -> None:
         self.active = self.space.largest()
 
@@ -284,7 +292,7 @@ class Supernet(nn.Module):
 
     def forward(self, x: torch.Tensor, arch: ArchConfig | None = None) -> torch.Tensor:
         """Logits ``(B, num_classes)`` of ``arch`` (default: the active config) for ``x`` ``(B, C, H, W)``."""
-        arch = self.active if arch is None else arch
+        arch = self.active if arch is None else self._checked(arch)
         for name, spec in zip(self.unit_names(arch), self.lower(arch)):
             x = self.units[name](x, spec)
         return x

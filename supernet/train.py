@@ -249,7 +249,15 @@ def train(
     Raises:
         NasUserError: a bad setting, a missing dataset, or a run folder of a different config.
     """
-    run_dir = Path(run_dir)
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, Path(run_dir), resume=resume, progress=progress, on_step=on_step, on_start=on_start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
+           on_step: Callable[[int], None] | None, on_start: Callable[[], None] | None) -> TrainResult:
     ddp = _Dist(cfg.device)
     device = torch.device(cfg.device if not cfg.device.startswith("cuda") or ddp.world == 1
                           else f"cuda:{ddp.local_rank}")
@@ -292,6 +300,7 @@ def train(
     total = spe * cfg.epochs
     warmup = int(round(cfg.warmup_epochs * spe))
     step, log = 0, []
+    acc = {"loss_sum": 0.0, "loss_n": 0, "seen": 0, "seconds": 0.0}  # running sums of the current epoch
     ckpt = run_dir / CHECKPOINT
     if resume and ckpt.is_file():
         tensors, state = load_tensors(ckpt)
@@ -302,6 +311,8 @@ def train(
         optimizer_from_tensors(opt, tensors, state["optimizer"])
         torch.set_rng_state(tensors["rng.torch"])
         step, log = int(state["step"]), list(state["log"])
+        if step % spe:
+            acc.update(state.get("epoch_running", {}))
         logger.info("resuming %s at step %d of %d (epoch %d)", run_dir, step, total, step // spe + 1)
     resumed_from = step
     ddp.broadcast_params(net)
@@ -317,8 +328,9 @@ def train(
         opt_tensors, opt_meta = optimizer_to_tensors(opt)
         tensors.update(opt_tensors)
         tensors["rng.torch"] = torch.get_rng_state()
+        running = {**acc, "seconds": acc["seconds"] + time.perf_counter() - t0}
         save_tensors(ckpt, tensors, {"config": cfg.to_dict(), "step": step, "total": total, "log": log,
-                                     "optimizer": opt_meta, "meta": meta})
+                                     "optimizer": opt_meta, "meta": meta, "epoch_running": running})
 
     forward: Callable[..., torch.Tensor] = net
     if cfg.compile:
@@ -353,7 +365,7 @@ def train(
         loader = make_loader(splits.train, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                              augment=True, rank=ddp.rank, world_size=ddp.world, start_batch=step % spe,
                              channels_last=cfg.channels_last, device=device)
-        t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+        t0 = time.perf_counter()
         for x, y in loader:
             lr = lr_at(step, total=total, warmup=warmup, lr=cfg.lr, min_lr=cfg.min_lr)
             for g in opt.param_groups:
@@ -366,7 +378,8 @@ def train(
                     if k == 0:
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                         teacher = logits.detach().float().softmax(dim=-1)
-                        loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+                        acc["loss_sum"] += float(loss.detach())
+                        acc["loss_n"] += 1
                     elif cfg.distill:
                         loss = torch.sum(-teacher * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
                     else:
@@ -375,20 +388,21 @@ def train(
             ddp.average_grads(params)
             opt.step()
             step += 1
-            seen += x.shape[0] * ddp.world
+            acc["seen"] += x.shape[0] * ddp.world
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_sum / max(loss_n, 1):.3f}")
+                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{acc['loss_sum'] / max(acc['loss_n'], 1):.3f}")
             if on_step is not None:
                 on_step(step)
             if cfg.save_every and step % cfg.save_every == 0 and step % spe:
                 save_checkpoint()
-        seconds = time.perf_counter() - t0
+        seconds = acc["seconds"] + time.perf_counter() - t0
         ddp.barrier()
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr_at(step - 1, total=total, warmup=warmup,
                                                                                 lr=cfg.lr, min_lr=cfg.min_lr),
-                               "train_loss": loss_sum / max(loss_n, 1), "epoch_seconds": seconds,
-                               "images_per_s": seen / max(seconds, 1e-9)}
+                               "train_loss": acc["loss_sum"] / max(acc["loss_n"], 1), "epoch_seconds": seconds,
+                               "images_per_s": acc["seen"] / max(seconds, 1e-9)}
+        acc.update(loss_sum=0.0, loss_n=0, seen=0, seconds=0.0)
         if ddp.main:
             row.update(validate("val"))
             logger.info("epoch %d/%d: loss %.4f, val acc largest %.4f smallest %.4f, %.0f img/s", epoch + 1,
