@@ -34,6 +34,10 @@ def resolve_target(target: str, *, resolution: int | None = None, num_classes: i
         )
     overrides = {k: v for k, v in (("resolution", resolution), ("num_classes", num_classes),
                                    ("in_chans", in_chans)) if v is not None}
+    for key, value in overrides.items():
+        low = 8 if key == "resolution" else 1
+        if value < low:
+            raise NasUserError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {value}")
     if overrides:
         sub = SubnetFile(sub.arch, overrides.get("resolution", sub.resolution),
                          overrides.get("num_classes", sub.num_classes), overrides.get("in_chans", sub.in_chans),

@@ -85,7 +85,7 @@ def lower_efficientformer_v2(
                 if stride == 2 and size % 2:
                     raise SpaceError(
                         f"{where}: the stride-2 attention of stage 3 needs an even map, but resolution "
-                        f"{resolution} gives {size}x{size}; use a resolution divisible by {resolution // size * 2}"
+                        f"{resolution} gives {size}x{size}; use a resolution divisible by {arch.stem_stride * 8}"
                     )
                 specs.append(BlockSpec("ef2.attn_ffn", w, w, size, stride=stride, hidden=hidden, heads=ATTN_HEADS,
                                        key_dim=ATTN_KEY_DIM, value_dim=ATTN_KEY_DIM * ATTN_RATIO))

@@ -240,7 +240,7 @@ class LiteMLA(nn.Module):
         b, _, h, w = x.shape
         qkv = self.qkv(x)
         qkv = torch.cat([qkv, self.aggreg_pw(self.aggreg_dw(qkv))], dim=1)
-        qkv = qkv.reshape(b, -1, 3 * self.dim, h * w).transpose(-1, -2)
+        qkv = qkv.flatten(2).unflatten(1, (-1, 3 * self.dim)).transpose(-1, -2)  # not h * w: coremltools cannot cast it
         q, k, v = qkv.chunk(3, dim=-1)
         dtype = v.dtype
         q, k = F.relu(q).float(), F.relu(k).float()
