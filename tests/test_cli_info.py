@@ -116,7 +116,7 @@ BAD_INPUTS = [
     ("negative-resolution", ["efficientformerv2_s0", "--resolution", "-1"], {}, ["resolution", "-1"]),
     ("odd-v2-map", ["efficientformerv2_s0", "--resolution", "100"], {}, ["resolution 100", "even", "divisible by 32"]),
     ("resolution-not-int", ["efficientformerv2_s0", "--resolution", "abc"], {}, ["--resolution", "'abc'"]),
-    ("zero-classes", ["efficientformerv2_s0", "--num-classes", "0"], {}, ["num_classes", "0"]),
+    ("zero-classes", ["efficientformerv2_s0", "--num-classes", "0"], {}, ["--num-classes", "0"]),
     ("no-argument", [], {}, ["preset", "subnet.json"]),
     ("unknown-flag", ["efficientformerv2_s0", "--colour"], {}, ["--colour"]),
 ]
