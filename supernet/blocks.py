@@ -208,17 +208,19 @@ class Attention4D(nn.Module):
         self.register_buffer("attention_bias_idxs", relative_bias_index(self.side), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
+        # Every reshape names all dims but the batch (-1): a traced batch size becomes an int cast that
+        # coremltools cannot convert on small maps.
         if self.stride_conv is not None:
             x = self.stride_conv(x)
-        q = self.q(x).reshape(b, self.heads, -1, self.n).permute(0, 1, 3, 2)
-        k = self.k(x).reshape(b, self.heads, -1, self.n)
+        vd = self.dh // self.heads
+        q = self.q(x).reshape(-1, self.heads, self.key_dim, self.n).permute(0, 1, 3, 2)
+        k = self.k(x).reshape(-1, self.heads, self.key_dim, self.n)
         v = self.v(x)
         v_local = self.v_local(v)
-        v = v.reshape(b, self.heads, -1, self.n).permute(0, 1, 3, 2)
+        v = v.reshape(-1, self.heads, vd, self.n).permute(0, 1, 3, 2)
         attn = (q @ k) * self.scale + self.attention_biases[:, self.attention_bias_idxs]
         attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
-        x = (attn @ v).transpose(2, 3).reshape(b, self.dh, self.side, self.side) + v_local
+        x = (attn @ v).transpose(2, 3).reshape(-1, self.dh, self.side, self.side) + v_local
         if self.upsample is not None:
             x = self.upsample(x)
         return self.proj(self.act(x))
@@ -311,14 +313,14 @@ class AttnDownsample(nn.Module):
         self.register_buffer("attention_bias_idxs", downsample_bias_index(side), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        q = self.q(x).reshape(b, self.heads, -1, self.n2).permute(0, 1, 3, 2)
-        k = self.k(x).reshape(b, self.heads, -1, self.n)
+        vd = self.dh // self.heads  # all dims but the batch named, as in Attention4D
+        q = self.q(x).reshape(-1, self.heads, self.key_dim, self.n2).permute(0, 1, 3, 2)
+        k = self.k(x).reshape(-1, self.heads, self.key_dim, self.n)
         v = self.v(x)
         v_local = self.v_local(v)
-        v = v.reshape(b, self.heads, -1, self.n).permute(0, 1, 3, 2)
+        v = v.reshape(-1, self.heads, vd, self.n).permute(0, 1, 3, 2)
         attn = ((q @ k) * self.scale + self.attention_biases[:, self.attention_bias_idxs]).softmax(dim=-1)
-        y = (attn @ v).transpose(2, 3).reshape(b, self.dh, self.side2, self.side2) + v_local
+        y = (attn @ v).transpose(2, 3).reshape(-1, self.dh, self.side2, self.side2) + v_local
         return self.proj(self.act(y)) + self.conv(x)
 
 
