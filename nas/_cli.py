@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Callable, NoReturn, Sequence
 
 from search_spaces.errors import NasUserError
 
-__all__ = ["NasArgumentParser", "run_cli", "setup_logging", "announce"]
+__all__ = ["NasArgumentParser", "run_cli", "setup_logging", "announce", "int_at_least", "positive_float"]
 
 EXIT_USER_ERROR = 2
 
@@ -27,9 +28,35 @@ class NasArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
-def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers >= ``minimum``; the error names the bad value."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type`` for positive, finite numbers (learning rates and the like)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {text!r}")
+    return value
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False, prog: str | None = None) -> None:
+    """Log to stderr, each line prefixed with the tool's name, so that every line says who wrote it."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    fmt = f"{prog}: %(message)s" if prog else "%(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
     if verbose < 2:
         for noisy in ("optuna", "coremltools", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -45,7 +72,7 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse
             argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run ``body``, and turn user mistakes into one line and exit code 2."""
     args = parser.parse_args(argv)
-    setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
+    setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False), prog)
     try:
         rc = body(args)
     except NasUserError as exc:

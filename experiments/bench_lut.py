@@ -1,0 +1,157 @@
+"""Benchmark of the latency LUT (issue 5): build time, fidelity, the iPhone 12 prior and lookup speed.
+
+    python experiments/bench_lut.py                       # full default V2 space at 224, 100 subnets
+    python experiments/bench_lut.py --validate 30 --space efficientformer_v2_demo --resolution 32
+
+1. Build the local-cpu LUT of the space from scratch (ONNX Runtime, 1 thread): entries, seconds.
+2. Time ``--validate`` random subnets end to end (each exported whole, timed alone in 3 rounds
+   far apart; the best round counts) and compare them with the LUT sums, raw and calibrated
+   (leave-one-out), for both statistics the LUT stores (median, fastest run).
+3. The iPhone 12 prior's leave-one-out error on the seven presets, for several feature sets.
+4. ``predict_latency`` lookups per second.
+
+Targets: build <= 60 s on 2 cores; after calibration Spearman >= 0.98, >= 99% within 10%,
+>= 90% within 5%. Results go to ``--out`` (JSON) and stdout, with the environment block.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from latency import (
+    LatencyTable,
+    build_lut,
+    fit_prior,
+    get_profile,
+    iphone12_prior,
+    measure_networks,
+    predict_latency,
+    sample_archs,
+    validate_lut,
+)
+from latency.runtime import measurement_environment
+from search_spaces import family_defaults, get_space
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _line(tag: str, m: dict) -> str:
+    rho = "n/a" if m["spearman"] is None else f"{m['spearman']:.4f}"
+    return (f"  {tag:<28} Spearman {rho}  MAPE {_pct(m['mape'])}  within 5% {_pct(m['within_5'])}  "
+            f"within 10% {_pct(m['within_10'])}  max {_pct(m['max_ape'])}  bias {m['bias']:+.3f}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", default="efficientformer_v2")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--validate", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=None, help="export workers (default: CPU count, max 8)")
+    p.add_argument("--work", type=Path, default=HERE / "results" / "bench_lut", help="folder for the LUT and reports")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "bench_lut.json")
+    p.add_argument("--reuse-lut", action="store_true", help="skip the build when the LUT exists")
+    args = p.parse_args()
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.extend(text.splitlines())
+
+    profile = get_profile("local-cpu")
+    space = get_space(args.space)
+    if args.resolution <= 64 and space.family != "efficientvit":
+        space = space.with_stem_stride(2)
+    classes, chans = (1000, 3) if args.resolution > 64 else (10, 1)
+    dist = family_defaults(space.family)
+    env = measurement_environment(profile)
+    say(f"environment: {platform.platform()}, {env['host']['cpu']}, {os.cpu_count()} CPUs, python "
+          f"{platform.python_version()}, versions {env['host']['versions']}, load average {_load()}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    lut_path = args.work / f"lut-local-cpu-{args.resolution}.json"
+    result: dict = {"environment": env, "space": space.name, "space_hash": space.hash,
+                    "resolution": args.resolution, "load_before": _load()}
+
+    # 1. build
+    if not (args.reuse_lut and lut_path.is_file()):
+        lut_path.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        built = build_lut(space, profile, resolution=args.resolution, out=lut_path, num_classes=classes,
+                          in_chans=chans, jobs=args.jobs)
+        seconds = time.perf_counter() - t0
+        noisy = sum(1 for _, e in built.table.items() if e.stats is not None and e.stats.noisy)
+        say(f"build: {len(built.table)} entries in {seconds:.1f} s (target <= 60 s on 2 cores); {noisy} noisy "
+              f"entries (IQR > 10% of the median); load average after {_load()}")
+        result["build"] = {"entries": len(built.table), "seconds": seconds, "noisy": noisy, "load_after": _load()}
+    lut = LatencyTable.load(lut_path)
+
+    # 2. fidelity
+    if args.validate:
+        archs = sample_archs(space, args.validate, seed=args.seed)
+        t0 = time.perf_counter()
+        nets = measure_networks(archs, profile, resolution=args.resolution, num_classes=classes, in_chans=chans,
+                                distillation=dist, jobs=args.jobs)
+        say(f"measured {len(nets)} subnets end to end in {time.perf_counter() - t0:.1f} s (3 rounds each)")
+        result["fidelity"] = {}
+        for statistic in ("median", "min"):
+            lut.set_statistic(statistic)
+            rep = validate_lut(lut, archs, nets, json_path=args.work / f"validation-{statistic}.json",
+                               png_path=args.work / f"validation-{statistic}.png",
+                               context={"measured": "in-process, after the build", "rounds": 3})
+            say(f"fidelity, statistic {statistic}, {rep.n} subnets (calibration {rep.calibration.method}):")
+            say(_line("raw LUT sums", rep.raw))
+            say(_line("calibrated (leave-one-out)", rep.calibrated))
+            result["fidelity"][statistic] = {"raw": rep.raw, "calibrated": rep.calibrated,
+                                             "calibration": rep.calibration.to_dict()}
+        lut.set_statistic("median")
+        validate_lut(lut, archs, nets, json_path=lut_path.with_name(lut_path.stem + ".validation.json"))
+        lut.save()
+        shutil.copyfile(args.work / "validation-median.png", lut_path.with_name(lut_path.stem + ".validation.png"))
+
+    # 3. the iPhone 12 prior
+    result["prior"] = {}
+    say("iPhone 12 prior, leave-one-out over the 7 presets (V2 paper's table):")
+    for feats in (("macs",), ("macs", "const"), ("macs", "act"), ("macs", "act", "const"),
+                  ("macs_dense", "macs_dw", "macs_attn", "act", "const")):
+        pr = fit_prior(features=feats)
+        say(f"  {'+'.join(feats):<40} LOO MAPE {_pct(pr.loo_mape)} (max {_pct(pr.loo_max_ape)})")
+        result["prior"]["+".join(feats)] = {"loo_mape": pr.loo_mape, "loo_max_ape": pr.loo_max_ape}
+    result["prior"]["default"] = iphone12_prior().to_dict()
+
+    # 4. lookups per second
+    archs = [space.sample(10_000 + i) for i in range(6000)]
+    rates = []
+    for batch in (archs[:3000], archs[3000:], archs[3000:]):
+        t0 = time.perf_counter()
+        for a in batch:
+            predict_latency(a, lut)
+        rates.append(len(batch) / (time.perf_counter() - t0))
+    say(f"predict_latency: {rates[0]:,.0f}/s for the first 3,000 new architectures (learning included), "
+          f"{rates[1]:,.0f}/s for the next 3,000 new, {rates[2]:,.0f}/s repeated (target >= 10,000/s)")
+    result["lookups_per_s"] = {"first_new": rates[0], "new": rates[1], "repeated": rates[2]}
+    result["summary_lines"] = [ln for ln in lines if not ln.startswith("environment:")]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
