@@ -40,12 +40,15 @@ class AccuracyEvaluator:
         val_images: evaluate on the first this many validation images (fixed subset).
         calib_batches: BN recalibration batches of ``calib_batch_size`` training images.
         seed: seed of the calibration subset.
-        cache_path: JSON-lines cache file (``None``: in memory only).
+        cache_path: JSON-lines cache file (``None``: in memory only). Each row records the
+            evaluation setting (``identity``, images, calibration, seed); rows of another setting
+            are ignored, so changing ``--val-images`` or retraining never reuses stale figures.
+        identity: what identifies the weights, e.g. the supernet's SHA-256.
     """
 
     def __init__(self, net: Supernet, splits: DatasetSplits, *, val_images: int = 2000, calib_batches: int = 8,
                  calib_batch_size: int = 128, seed: int = 0, cache_path: str | os.PathLike[str] | None = None,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, identity: str = "") -> None:
         self.net = net.eval()
         n = min(val_images, len(splits.val))
         self.val = ImageSplit(splits.val.images[:n], splits.val.labels[:n], splits.val.mean, splits.val.std)
@@ -53,6 +56,8 @@ class AccuracyEvaluator:
         self.calib = calibration_batches(splits.train, batch_size=calib_batch_size, num_batches=nb, seed=seed,
                                          channels_last=True)
         self.batch_size = batch_size
+        # cached figures count only under the same weights, images and calibration
+        self.setting = f"{identity}|val={n}|calib={nb}x{calib_batch_size}|seed={seed}"
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self._cache: dict[str, float] = {}
         self.evaluated = 0
@@ -60,7 +65,8 @@ class AccuracyEvaluator:
             for line in self.cache_path.read_text(encoding="utf-8").splitlines():
                 try:
                     row = json.loads(line)
-                    self._cache[row["hash"]] = float(row["accuracy"])
+                    if row.get("setting") == self.setting:
+                        self._cache[row["hash"]] = float(row["accuracy"])
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     continue  # a torn line from an interrupted write
 
@@ -83,7 +89,7 @@ class AccuracyEvaluator:
         self._cache[arch.hash] = acc
         self.evaluated += 1
         if self.cache_path is not None:
-            line = json.dumps({"hash": arch.hash, "arch": arch.to_string(), "accuracy": acc}) + "\n"
+            line = json.dumps({"hash": arch.hash, "arch": arch.to_string(), "accuracy": acc, "setting": self.setting}) + "\n"
             fd = os.open(self.cache_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 os.write(fd, line.encode("utf-8"))

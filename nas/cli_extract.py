@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ._cli import NasArgumentParser, announce, run_cli
+from ._cli import NasArgumentParser, announce, int_at_least, positive_float, run_cli
 from .extract import FORMATS, extract
 
 EPILOG = """examples:
@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("subnet", help="subnet.json written by nas-search (or by hand)")
     p.add_argument("--supernet", help="supernet run folder (default: the one named in subnet.json)")
     p.add_argument("--out", help="output folder (default: runs/extract-<arch hash>)")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the extracted model (default 0)")
-    p.add_argument("--finetune-lr", type=float, default=5e-4)
+    p.add_argument("--finetune-epochs", type=int_at_least(0), default=0, help="fine-tune the extracted model (default 0)")
+    p.add_argument("--finetune-lr", type=positive_float, default=5e-4, help="fine-tuning learning rate (default 5e-4)")
     p.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")
     p.add_argument("--no-measure", action="store_true", help="skip the local-cpu latency measurement")
     return p

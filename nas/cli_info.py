@@ -54,7 +54,7 @@ def _body(args: argparse.Namespace) -> int:
     name, sub = resolve_target(args.target, resolution=args.resolution, num_classes=args.num_classes,
                                in_chans=args.in_chans)
     luts = [Path(p) for p in args.lut] or sorted(Path(".").glob(f"lut-*-{sub.resolution}.json"))
-    info = describe(name, sub, luts=luts)
+    info = describe(name, sub, luts=luts, strict=bool(args.lut))  # a LUT the user named must work
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0
 

@@ -15,7 +15,7 @@ from typing import Sequence
 from search_spaces.errors import NasUserError
 from search_spaces.fileio import atomic_write_text
 
-from ._cli import NasArgumentParser, announce, run_cli
+from ._cli import NasArgumentParser, announce, int_at_least, run_cli
 from .objectives import MesWeights
 from .search import SearchSettings
 from .search_run import NoFeasibleSubnet, SearchRunConfig, run_search
@@ -43,18 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lut", action="append", default=[], help="LUT file, repeatable (default: lut-DEVICE-RES.json here)")
     p.add_argument("--out", help="output folder (default: runs/search, and subnet.json is also copied here)")
     p.add_argument("--strategy", default=d.strategy, help="slim (EfficientFormerV2 joint slimming) or nsga2")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--val-images", type=int, default=2000, help="validation images per accuracy estimate")
-    p.add_argument("--calib-batches", type=int, default=4,
+    p.add_argument("--seed", type=int_at_least(0), default=d.seed)
+    p.add_argument("--val-images", type=int_at_least(1), default=2000, help="validation images per accuracy estimate")
+    p.add_argument("--calib-batches", type=int_at_least(1), default=4,
                    help="BN recalibration batches of 128 training images per candidate (default 4)")
-    p.add_argument("--threads", type=int, help="torch threads for accuracy evaluation (default: torch's choice)")
+    p.add_argument("--threads", type=int_at_least(1), help="torch threads for accuracy evaluation (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no per-step progress lines")
     g = p.add_argument_group("slim")
-    g.add_argument("--max-actions", type=int, default=d.max_actions, help="evaluate at most N random actions per step (0: all)")
-    g.add_argument("--extra-steps", type=int, default=d.extra_steps, help="steps to continue after all budgets are met")
+    g.add_argument("--max-actions", type=int_at_least(0), default=d.max_actions, help="evaluate at most N random actions per step (0: all)")
+    g.add_argument("--extra-steps", type=int_at_least(0), default=d.extra_steps, help="steps to continue after all budgets are met")
     g = p.add_argument_group("nsga2")
-    g.add_argument("--n-trials", type=int, default=d.n_trials, help="trials in total (a rerun resumes the study)")
-    g.add_argument("--population-size", type=int, default=d.population_size)
+    g.add_argument("--n-trials", type=int_at_least(1), default=d.n_trials, help="trials in total (a rerun resumes the study)")
+    g.add_argument("--population-size", type=int_at_least(2), default=d.population_size)
     g.add_argument("--storage", help="optuna storage URL (default: sqlite in --out); share it between workers")
     g.add_argument("--study-name", default=d.study_name)
     g = p.add_argument_group("MES = score * (latency / U_latency)^-a_latency * (params / U_params)^-a_params")

@@ -59,10 +59,11 @@ def _stage_labels(specs: tuple[BlockSpec, ...]) -> list[str]:
     return labels
 
 
-def lut_latencies(sub: SubnetFile, luts: list[Path]) -> dict[str, dict[str, Any]]:
+def lut_latencies(sub: SubnetFile, luts: list[Path], *, strict: bool = False) -> dict[str, dict[str, Any]]:
     """Latency of ``sub`` from each LUT that fits its resolution, labelled measured-lut or predicted.
 
-    A LUT that does not cover the architecture (another space) gives an ``error`` entry instead.
+    A LUT that does not cover the architecture (another space) gives an ``error`` entry instead,
+    unless ``strict`` (LUTs the user named): then every problem is raised.
     """
     out: dict[str, dict[str, Any]] = {}
     if not luts:
@@ -74,9 +75,14 @@ def lut_latencies(sub: SubnetFile, luts: list[Path]) -> dict[str, dict[str, Any]
             lut = LatencyTable.load(path)
             lut.check_compatible(resolution=sub.resolution)
             if (lut.num_classes, lut.in_chans) != (sub.num_classes, sub.in_chans):
+                if strict:
+                    raise NasUserError(f"LUT {str(path)!r} is for {lut.num_classes} classes and {lut.in_chans} "
+                                       f"input channels, not {sub.num_classes} and {sub.in_chans}")
                 continue
             value = predict_latency(sub.arch, lut)
         except NasUserError as exc:
+            if strict:
+                raise
             out[path.stem] = {"error": str(exc).split(";")[0], "lut": str(path)}
             continue
         out[lut.device] = {"value": value, "source": "predicted" if lut.predicted else "measured-lut",
@@ -84,7 +90,7 @@ def lut_latencies(sub: SubnetFile, luts: list[Path]) -> dict[str, dict[str, Any]
     return out
 
 
-def describe(name: str, sub: SubnetFile, *, luts: list[Path] | None = None) -> dict[str, Any]:
+def describe(name: str, sub: SubnetFile, *, luts: list[Path] | None = None, strict: bool = False) -> dict[str, Any]:
     """Everything ``nas-info --json`` prints: totals, one row per block, and latency per LUT given."""
     specs = sub.specs()
     blocks = []
@@ -108,7 +114,7 @@ def describe(name: str, sub: SubnetFile, *, luts: list[Path] | None = None) -> d
         "widths": list(arch.widths),
         "depths": list(arch.depths),
         "blocks": blocks,
-        "latency_ms": lut_latencies(sub, luts or []),
+        "latency_ms": lut_latencies(sub, luts or [], strict=strict),
         "metrics": dict(sub.metrics),
     }
 

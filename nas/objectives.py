@@ -75,7 +75,7 @@ class Budgets:
                 device, value = default_device, item
             if device in lat:
                 raise NasUserError(f"--latency gives device {device!r} twice")
-            lat[device] = parse_latency_ms(value, what=f"--latency {item!r}")
+            lat[device] = parse_latency_ms(value, what="--latency" if value is item else f"--latency for {device}")
         return cls(
             latency_ms=lat,
             max_params=None if max_params is None else parse_count(max_params, what="--max-params"),

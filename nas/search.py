@@ -189,9 +189,7 @@ def slim_search(scorer: Scorer, settings: SearchSettings, *,
         msg = (f"slim step {step}: {name}: acc {current.accuracy:.4f}, {scorer.primary} "
                f"{current.latency_ms[scorer.primary]:.3f} ms, {current.params / 1e6:.3f}M params, "
                f"MES {current.mes:.1f}{' (feasible)' if current.feasible else ''}")
-        logger.info(msg)
-        if progress is not None:
-            progress(msg)
+        (progress or logger.info)(msg)
     cands = list(scorer.seen.values())
     return SearchOutcome(cands, best_feasible(cands, scorer.primary), path, time.perf_counter() - t0)
 

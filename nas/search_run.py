@@ -80,6 +80,9 @@ def load_latency_models(devices: list[str], explicit: dict[str, Path], run: Any)
                                f"run: nas-build-lut --device {device}")
         lut = LatencyTable.load(path)
         lut.check_compatible(device=device, resolution=run.resolution, space_hash=run.space.hash)
+        if not lut.complete:  # refuse before anything is written, not halfway through the search
+            raise NasUserError(f"LUT {str(path)!r} is incomplete ({len(lut)} of {lut.expected_entries} entries, an "
+                               f"interrupted build); finish it with: nas-build-lut --device {device} (it resumes)")
         models[device] = LatencyModel(device, lambda arch, lut=lut: predict_latency(arch, lut),
                                       "predicted" if lut.predicted else "measured-lut", str(path), _sha256(path))
     return models
@@ -120,28 +123,29 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
         bare = [v for v in cfg.latency if "=" not in v]
         if bare or not cfg.latency:
             found = {**find_luts(Path("."), run.resolution), **explicit}
-            if len(found) == 1:
-                default_device = next(iter(found))
-                say(f"nas-search: using device {default_device!r} from {found[default_device]} "
-                    f"(set --device to choose)")
-            elif not found:
+            if not found:
                 raise NasUserError(f"no latency LUT for resolution {run.resolution} in this folder; "
                                    f"run: nas-build-lut --device DEVICE (e.g. iphone12 or local-cpu)")
-            else:
-                raise NasUserError(f"several LUTs for resolution {run.resolution} ({', '.join(sorted(found))}); "
-                                   f"pass --device to say which one a bare --latency refers to")
+            # several LUTs: the one built last is the one the user just asked for
+            default_device = max(found, key=lambda d: (found[d].stat().st_mtime_ns, d))
+            others = sorted(set(found) - {default_device})
+            say(f"nas-search: using device {default_device!r} from {found[default_device]}"
+                + (f" (the newest LUT; also here: {', '.join(others)})" if others else "")
+                + " (set --device to choose)")
     budgets = Budgets.parse(cfg.latency, default_device=default_device, max_params=cfg.max_params,
                             max_macs=cfg.max_macs)
     devices = list(dict.fromkeys([*([default_device] if default_device else []), *budgets.latency_ms]))
     primary = devices[0]
     models = load_latency_models(devices, explicit, run)
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     net = load_supernet(run)
     splits = load_run_splits(run)
+    user_storage = _storage(cfg.settings.storage) if cfg.settings.strategy == "nsga2" and cfg.settings.storage else None
+    out = Path(cfg.out)  # everything the search needs is checked: only now is the output folder made
+    out.mkdir(parents=True, exist_ok=True)
     evaluator = AccuracyEvaluator(net, splits, val_images=cfg.val_images, calib_batches=cfg.calib_batches,
-                                  seed=cfg.settings.seed, cache_path=out / "accuracy_cache.jsonl")
+                                  seed=cfg.settings.seed, cache_path=out / "accuracy_cache.jsonl",
+                                  identity=run.weights_sha256)
     if len(evaluator):
         say(f"nas-search: {len(evaluator)} cached accuracies in {out / 'accuracy_cache.jsonl'} will be reused")
     scorer = Scorer(space=run.space, accuracy=evaluator, latency=models, budgets=budgets, primary_device=primary,
@@ -149,8 +153,8 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
     if cfg.settings.strategy == "slim":
         outcome = slim_search(scorer, cfg.settings, progress=progress)
     else:
-        storage = cfg.settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-        outcome = nsga2_search(scorer, cfg.settings, storage=_storage(storage), progress=progress)
+        storage = user_storage or _storage(f"sqlite:///{(out / 'study.db').resolve()}")
+        outcome = nsga2_search(scorer, cfg.settings, storage=storage, progress=progress)
     outcome.evaluated = evaluator.evaluated
 
     files: dict[str, Path] = {}
@@ -203,11 +207,23 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
 
 
 def _storage(url: str) -> Any:
-    if url.startswith("sqlite:"):
-        import optuna
+    """An optuna storage for ``url``; a URL that optuna cannot open is the user's mistake."""
+    import optuna
 
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return url
+    try:
+        if url.startswith("sqlite:///"):
+            # Workers that start together on a fresh file race to create optuna's schema: one at a time.
+            import fcntl
+
+            db = Path(url[len("sqlite:///"):])
+            with open(db.with_name(db.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.storages.get_storage(url)
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy and the drivers raise many kinds
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise NasUserError(f"--storage {url!r} cannot be opened ({first}); give an optuna storage URL such as "
+                           f"sqlite:///study.db or postgresql://user:password@host/db") from None
 
 
 def _budgets_text(b: Budgets) -> str:

@@ -95,6 +95,15 @@ class TrainConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
+        kinds = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+                 "bool": ((bool,), "true or false")}
+        for f in fields(self):  # a --config file may hold anything: check the types before the values
+            value, annotation = getattr(self, f.name), str(f.type)
+            if value is None and annotation.endswith("| None"):
+                continue
+            types, what = kinds[annotation.removesuffix(" | None")]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise NasUserError(f"`{f.name}` must be {what}, got {value!r}")
         checks: list[tuple[str, bool, str]] = [
             ("resolution", self.resolution >= 16, ">= 16"),
             ("stem_stride", self.stem_stride in (0, 2, 4), "0 (auto), 2 or 4"),
@@ -272,6 +281,9 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
     space = _resolve_space(cfg)
     splits = load_dataset(cfg.dataset, resolution=cfg.resolution, seed=cfg.seed, val_size=cfg.val_size,
                           train_subset=cfg.train_subset)
+    if len(splits.train) < cfg.batch_size:
+        raise NasUserError(f"--batch-size {cfg.batch_size} is larger than the training split of {cfg.dataset} "
+                           f"({len(splits.train)} images); use a --batch-size of at most {len(splits.train)}")
     meta = _run_meta(cfg, space, splits)
 
     final = run_dir / "supernet.json"
@@ -314,6 +326,10 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
         if step % spe:
             acc.update(state.get("epoch_running", {}))
         logger.info("resuming %s at step %d of %d (epoch %d)", run_dir, step, total, step // spe + 1)
+    calib_bs = min(cfg.batch_size, 256)
+    calib = calibration_batches(splits.train, batch_size=calib_bs,
+                                num_batches=max(1, min(cfg.calib_batches, len(splits.train) // calib_bs)),
+                                seed=cfg.seed, channels_last=cfg.channels_last, device=device)
     resumed_from = step
     ddp.broadcast_params(net)
     if ddp.main:  # everything is validated: only now does the run folder get written
@@ -338,10 +354,6 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
         _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
         forward = torch.compile(net)
 
-    calib_bs = min(cfg.batch_size, 256)
-    calib = calibration_batches(splits.train, batch_size=calib_bs,
-                                num_batches=max(1, min(cfg.calib_batches, len(splits.train) // calib_bs)),
-                                seed=cfg.seed, channels_last=cfg.channels_last, device=device)
 
     def validate(split_name: str) -> dict[str, float]:
         split = getattr(splits, split_name)

@@ -1,0 +1,120 @@
+"""``make bench``: run every benchmark, write ``experiments/results/*.json`` and the README's results table.
+
+Order: the demo pipeline (reused when finished), the supernet step benchmark, the LUT build and
+fidelity benchmark, the search benchmark and the preset check. Each writes its JSON; this script
+then renders ``experiments/results/summary.md`` and copies it into README.md between the
+``<!-- results:start -->`` and ``<!-- results:end -->`` markers.
+
+    python experiments/run_all.py [--skip NAME ...] [--summary-only]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+BENCHES = {
+    "demo": ["experiments/demo.py"],
+    "supernet": ["experiments/bench_supernet.py", "--json", "experiments/results/supernet.json"],
+    "lut": ["experiments/bench_lut.py", "--out", "experiments/results/lut.json"],
+    "search": ["experiments/bench_search.py", "--work", "demo", "--json", "experiments/results/search.json"],
+    "presets": ["experiments/check_presets.py", "--json", "experiments/results/presets.json"],
+}
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def render() -> str:
+    lines = [f"Measured with `make bench` on {platform.machine()} Linux, 2 cores, torch CPU "
+             f"({time.strftime('%Y-%m-%d')}). Absolute times vary 2x between machines of this kind; ratios are "
+             f"measured side by side in one run.", ""]
+    demo = ROOT / "demo" / "runs" / "fmnist" / "supernet.json"
+    if demo.is_file():
+        m = json.loads(demo.read_text())["metrics"]
+        lines += ["**Demo supernet** (`efficientformer_v2_demo`, Fashion-MNIST 32 px, 3 epochs, sandwich rule, 2 CPU "
+                  "threads):", "",
+                  "| subnet | val acc | test acc |", "|---|---|---|",
+                  f"| largest | {100 * m['val_acc_largest']:.2f}% | {100 * m['test_acc_largest']:.2f}% |",
+                  f"| smallest | {100 * m['val_acc_smallest']:.2f}% | {100 * m['test_acc_smallest']:.2f}% |",
+                  "", f"Training time {m['train_seconds']:.0f} s.", ""]
+    sn = _load("supernet")
+    if sn:
+        lines += ["**Supernet vs static training step** (same config, batch and threads, interleaved; target <= 1.10):",
+                  "", "| space | config | params | static ms | supernet ms | step ratio | fwd+bwd ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sn["rows"]:
+            lines.append(f"| {r['space']} | {r['config']} | {r['params']:,} | {r['static_ms']:.1f} | "
+                         f"{r['supernet_ms']:.1f} | {r['ratio']:.3f} | {r['ratio_fwd_bwd']:.3f} |")
+        lines += ["", f"Sandwich-rule training throughput: {sn['train']['images_per_s']:.0f} images/s "
+                      f"(about {sn['train']['fashion_mnist_epoch_s_estimate']:.0f} s per Fashion-MNIST epoch)."]
+        if "train_full_v2" in sn:
+            f = sn["train_full_v2"]
+            lines.append(f"Full default V2 space ({f['supernet_params']:,} shared parameters), batch {f['batch']}, 32 px: "
+                         f"{f['images_per_s']:.0f} images/s on CPU.")
+        lines.append("")
+    lut = _load("lut")
+    if lut:
+        lines += ["**Latency LUT** (local-cpu, ONNX Runtime, 1 thread):", "", "```",
+                  *(str(x) for x in lut.get("summary_lines", [json.dumps(lut, indent=1)[:2000]])), "```", ""]
+    se = _load("search")
+    if se:
+        lines += [f"**Search** on the demo supernet, local-cpu budget {se['budget_ms']:.3f} ms; latency measured "
+                  f"end to end (ORT, 1 thread, round-robin):", "",
+                  "| model | params | LUT ms | measured ms | val acc |", "|---|---|---|---|---|"]
+        for r in se["rows"]:
+            lines.append(f"| {r['name']} | {r['params']:,} | {r['predicted_ms']:.3f} | {r['measured_ms']:.3f} | "
+                         f"{100 * r['accuracy']:.2f}% |")
+        lines.append("")
+        for s, v in se["verdicts"].items():
+            c = se["strategies"][s]
+            lines.append(f"- `{s}`: beats every uniform baseline at equal or higher measured latency: "
+                         f"**{'yes' if v['beats_all_slower_or_equal_uniform'] else 'no'}**; measured "
+                         f"{v['measured_ms']:.3f} ms {'within' if v['measured_within_budget'] else 'OVER'} the budget; "
+                         f"{c['wall_s']:.0f} s, {c['candidates_per_min']:.1f} candidates/min.")
+        lines.append("")
+    pr = _load("presets")
+    if pr:
+        ok = all(r.get("match", False) for r in pr.get("rows", []))
+        lines += [f"**Presets**: {len(pr.get('rows', []))} presets built at 224, exact parameter counts "
+                  f"{'all match' if ok else 'MISMATCH'}; forward, ONNX parity and CoreML conversion checked by "
+                  f"`experiments/check_presets.py`.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--skip", nargs="*", default=[], choices=sorted(BENCHES))
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not args.summary_only:
+        for name, cmd in BENCHES.items():
+            if name in args.skip or not (ROOT / cmd[0]).is_file():
+                continue
+            print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
+            rc = subprocess.call([sys.executable, *cmd], cwd=ROOT)
+            if rc != 0:
+                sys.exit(f"bench {name} failed with exit code {rc}")
+    summary = render()
+    (RESULTS / "summary.md").write_text(summary + "\n")
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}\n{summary}\n{end}{tail}")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
