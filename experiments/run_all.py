@@ -46,6 +46,19 @@ def render() -> str:
                   f"| largest | {100 * m['val_acc_largest']:.2f}% | {100 * m['test_acc_largest']:.2f}% |",
                   f"| smallest | {100 * m['val_acc_smallest']:.2f}% | {100 * m['test_acc_smallest']:.2f}% |",
                   "", f"Training time {m['train_seconds']:.0f} s.", ""]
+    extracts = sorted((ROOT / "demo" / "runs").glob("extract-*/extract.json"), key=lambda q: q.stat().st_mtime)
+    if extracts:
+        ex = json.loads(extracts[-1].read_text())
+        m = ex["metrics"]
+        lat = m.get("latency_ms", {}).get("local-cpu", {})
+        lines += [f"**Extraction** of the demo's searched subnet (`{extracts[-1].parent.name}`): output equals the "
+                  f"supernet's within {m['supernet_parity_max_abs']:.2g} (max abs); ONNX Runtime within "
+                  f"{m.get('onnx_max_abs', float('nan')):.2g} of torch; test accuracy {100 * m['test_accuracy']:.2f}%; "
+                  f"{m['params']:,} params."]
+        if "measured" in lat and "lut" in lat:
+            lines.append(f"local-cpu latency measured {lat['measured']:.3f} ms vs LUT {lat['lut']:.3f} ms "
+                         f"({lat['lut_source']}), ratio {lat['measured'] / lat['lut']:.2f}.")
+        lines.append("")
     sn = _load("supernet")
     if sn:
         lines += ["**Supernet vs static training step** (same config, batch and threads, interleaved; target <= 1.10):",

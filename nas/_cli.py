@@ -58,8 +58,11 @@ def setup_logging(verbose: int = 0, quiet: bool = False, prog: str | None = None
     fmt = f"{prog}: %(message)s" if prog else "%(message)s"
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
     if verbose < 2:
-        for noisy in ("optuna", "coremltools", "matplotlib", "PIL"):
+        for noisy in ("optuna", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # coremltools warns on every import on Linux (no native runtime, untested torch version):
+        # nothing the user can act on, and prediction is guarded with our own message
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 
 def announce(message: str) -> None:

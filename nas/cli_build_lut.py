@@ -289,14 +289,43 @@ def _import(args: argparse.Namespace, profile: Any) -> int:
     return 0
 
 
+def _already_validated(out: Path, profile: Any, setup: _Setup, archs: list[Any], statistic: str) -> bool:
+    """True when ``out`` is complete and already validated on exactly these subnets with this statistic."""
+    from latency.lut import LatencyTable
+    from latency.validate import validation_paths
+    from search_spaces.fileio import read_json
+
+    jp, _ = validation_paths(out)
+    if not (archs and out.is_file() and jp.is_file()):
+        return False
+    try:
+        table = LatencyTable.load(out)
+        report = read_json(jp, what="validation report")
+    except NasUserError:
+        return False  # a damaged file: build and validate again
+    if not table.complete or table.statistic != statistic or table.calibration.method == "none":
+        return False
+    if (table.device, table.resolution, table.space_hash) != (profile.name, setup.resolution, setup.space.hash):
+        return False
+    rows = report.get("subnets") if isinstance(report, dict) else None
+    done = {r.get("arch_hash") for r in rows if isinstance(r, dict)} if isinstance(rows, list) else set()
+    return report.get("statistic") == statistic and done == {a.hash for a in archs}
+
+
 def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, shard: Any, archs: list[Any]) -> int:
     from latency.build import build_lut
+
+    statistic = args.statistic or "min"
+    if _already_validated(out, profile, setup, archs, statistic):
+        print(f"{PROG}: {out} is complete and already validated on these {len(archs)} subnets; nothing to do "
+              f"(delete it, or pass another --seed, to measure again)")
+        return 0
 
     bar = _Progress(not args.no_progress, f"{PROG} {profile.name}")
     try:
         res = build_lut(setup.space, profile, resolution=setup.resolution, out=out, num_classes=setup.num_classes,
                         in_chans=setup.in_chans, distillation=setup.distillation, shard=shard,
-                        validation_archs=archs, statistic=args.statistic or "min", jobs=args.jobs,
+                        validation_archs=archs, statistic=statistic, jobs=args.jobs,
                         checkpoint_every_s=args.checkpoint_every,
                         progress=bar)
     except RuntimeError as exc:  # a block the exporter cannot handle: a bug, not bad input

@@ -47,7 +47,7 @@ def _body(args: argparse.Namespace) -> int:
     for dev, v in m.get("latency_ms", {}).items():
         parts = []
         if "measured" in v:
-            parts.append(f"measured {v['measured']:.3f} ms")
+            parts.append(f"measured {v['measured']:.3f} ms ({v.get('statistic', 'median')})")
         if "lut" in v:
             parts.append(f"LUT {v['lut']:.3f} ms ({v['lut_source']})")
         print(f"  {dev}: {', '.join(parts)}")

@@ -154,6 +154,15 @@ def test_shards_merge_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture
         assert key in report and key in report["raw"] and key in report["calibrated"]
     assert Path("lut-local-cpu-32.validation.png").stat().st_size > 1000
 
+    # the same command again: nothing to measure, nothing rewritten (make demo's second run)
+    stamp = Path("lut-local-cpu-32.json").stat().st_mtime_ns
+    assert main(["--device", "local-cpu", "--validate", "4", "--jobs", "1", "--no-progress"]) == 0
+    assert "already validated on these 4 subnets" in capsys.readouterr().out
+    assert Path("lut-local-cpu-32.json").stat().st_mtime_ns == stamp
+    # other subnets (another seed) are measured and validated again
+    assert main(["--device", "local-cpu", "--validate", "4", "--seed", "1", "--jobs", "1", "--no-progress"]) == 0
+    assert "raw LUT sums (4 subnets)" in capsys.readouterr().out
+
 
 def test_local_bundle_protocol_end_to_end(tmp_path: Path) -> None:
     space = tiny_v2()
