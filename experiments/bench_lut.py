@@ -66,7 +66,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=None, help="export workers (default: CPU count, max 8)")
     p.add_argument("--work", type=Path, default=HERE / "results" / "bench_lut", help="folder for the LUT and reports")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "bench_lut.json")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "lut.json")
     p.add_argument("--reuse-lut", action="store_true", help="skip the build when the LUT exists")
     args = p.parse_args()
     lines: list[str] = []

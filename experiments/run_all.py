@@ -22,7 +22,7 @@ RESULTS = ROOT / "experiments" / "results"
 BENCHES = {
     "demo": ["experiments/demo.py"],
     "supernet": ["experiments/bench_supernet.py", "--json", "experiments/results/supernet.json"],
-    "lut": ["experiments/bench_lut.py", "--out", "experiments/results/lut.json"],
+    "lut": ["experiments/bench_lut.py"],
     "search": ["experiments/bench_search.py", "--work", "demo", "--json", "experiments/results/search.json"],
     "presets": ["experiments/check_presets.py", "--json", "experiments/results/presets.json"],
 }
