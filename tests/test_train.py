@@ -259,3 +259,15 @@ def test_bad_input_exits_2_with_one_line(case: str, tmp_path: Path,
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the run folder was modified"
     else:
         assert not out.exists(), "a run folder was created for a failed run"
+
+
+# ----------------------------------------------------------------------------- the GPU recipe's switches, on CPU
+def test_bf16_autocast_trains_on_cpu(tmp_path: Path) -> None:
+    """The GPU recipe trains under bf16 autocast; the same code path runs on CPU when asked (--bf16 true)."""
+    cfg = TrainConfig(space="efficientformer_v2_demo", dataset="synthetic:256", resolution=32, epochs=1,
+                      batch_size=64, seed=0, threads=1, bf16=True)
+    result = train(cfg, tmp_path / "run")
+    assert result.log and all(torch.isfinite(torch.tensor(row["train_loss"])) for row in result.log), result.log
+    meta = json.loads((tmp_path / "run" / "supernet.json").read_text())
+    assert meta["recipe"]["bf16"] is True
+    assert 0.0 <= result.metrics["val_acc_largest"] <= 1.0
