@@ -26,22 +26,9 @@ import numpy as np
 import torch
 
 from search_spaces import count_params, get_preset, list_presets, lower
+from search_spaces.registry import PUBLISHED_PARAMS
 from supernet import build_model
 
-#: Exact ``sum(p.numel())`` at 224 px with 1000 classes (DESIGN.md section 3).
-PUBLISHED_PARAMS = {
-    "efficientformer_l1": 12_289_928,
-    "efficientformer_l3": 31_406_000,
-    "efficientformer_l7": 82_229_328,
-    "efficientformerv2_s0": 3_600_256,
-    "efficientformerv2_s1": 6_185_560,
-    "efficientformerv2_s2": 12_710_112,
-    "efficientformerv2_l": 26_322_288,
-    "efficientvit_b0": 3_410_008,
-    "efficientvit_b1": 9_102_024,
-    "efficientvit_b2": 24_330_712,
-    "efficientvit_b3": 48_646_056,
-}
 #: ORT output must be within this of torch's, relative to the output scale (FP32 both).
 ONNX_TOL = 1e-4
 

@@ -19,7 +19,7 @@ from .specs import BlockSpec
 __all__ = [
     "register_family", "register_space", "register_preset",
     "get_space", "get_preset", "list_spaces", "list_presets", "list_families",
-    "lower", "family_defaults",
+    "lower", "family_defaults", "PUBLISHED_PARAMS",
 ]
 
 
@@ -127,3 +127,20 @@ def lower(
         in_chans=in_chans,
         distillation=default_dist if distillation is None else bool(distillation),
     )
+
+
+#: The published parameter counts, exact ``sum(p.numel())`` of the reference models at 224 px with
+#: 1000 classes (DESIGN.md section 3): what every preset must reproduce.
+PUBLISHED_PARAMS = {
+    "efficientformer_l1": 12_289_928,
+    "efficientformer_l3": 31_406_000,
+    "efficientformer_l7": 82_229_328,
+    "efficientformerv2_s0": 3_600_256,
+    "efficientformerv2_s1": 6_185_560,
+    "efficientformerv2_s2": 12_710_112,
+    "efficientformerv2_l": 26_322_288,
+    "efficientvit_b0": 3_410_008,
+    "efficientvit_b1": 9_102_024,
+    "efficientvit_b2": 24_330_712,
+    "efficientvit_b3": 48_646_056,
+}

@@ -23,22 +23,9 @@ from search_spaces import (
     ArchConfig, BlockSpec, block_macs, block_params, count_macs, count_params, get_preset, get_space,
     list_presets, list_spaces, lower,
 )
+from search_spaces.registry import PUBLISHED_PARAMS
 from supernet import build_block, build_model
 
-#: Exact ``sum(p.numel())`` of the published architectures at 224 with 1000 classes (DESIGN.md section 3).
-PUBLISHED_PARAMS = {
-    "efficientformer_l1": 12_289_928,
-    "efficientformer_l3": 31_406_000,
-    "efficientformer_l7": 82_229_328,
-    "efficientformerv2_s0": 3_600_256,
-    "efficientformerv2_s1": 6_185_560,
-    "efficientformerv2_s2": 12_710_112,
-    "efficientformerv2_l": 26_322_288,
-    "efficientvit_b0": 3_410_008,
-    "efficientvit_b1": 9_102_024,
-    "efficientvit_b2": 24_330_712,
-    "efficientvit_b3": 48_646_056,
-}
 
 NUM_RANDOM = 200
 #: Seeds whose whole model (not only its blocks) is also counted by torch.
