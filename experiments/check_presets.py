@@ -27,6 +27,7 @@ import torch
 
 from search_spaces import count_params, get_preset, list_presets, lower
 from search_spaces.registry import PUBLISHED_PARAMS
+from latency.runtime import convert_coreml
 from supernet import build_model
 
 #: ORT output must be within this of torch's, relative to the output scale (FP32 both).
@@ -83,25 +84,10 @@ def onnx_parity(model: torch.nn.Module, x: torch.Tensor, ref: np.ndarray, folder
 
 
 def coreml_convert(model: torch.nn.Module, x: torch.Tensor, folder: Path) -> float:
-    """Seconds to trace and convert to an mlprogram package (its progress bars are swallowed)."""
-    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import coremltools as ct
-
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            traced = torch.jit.trace(model, x)
-        mlmodel = ct.convert(
-            traced,
-            inputs=[ct.TensorType(name="x", shape=tuple(x.shape))],
-            outputs=[ct.TensorType(name="y")],
-            convert_to="mlprogram",
-            minimum_deployment_target=ct.target.iOS16,
-            compute_precision=ct.precision.FLOAT16,
-        )
-        path = folder / "model.mlpackage"
-        mlmodel.save(str(path))
-        seconds = time.perf_counter() - t0
+    """Seconds to trace and convert to an mlprogram package (fp16, iOS16), as the iphone12 LUT does."""
+    t0 = time.perf_counter()
+    path = convert_coreml(model, tuple(x.shape), folder / "model.mlpackage", precision="fp16", target="iOS16")
+    seconds = time.perf_counter() - t0
     if not (path / "Manifest.json").is_file():
         raise RuntimeError(f"no mlpackage written at {path}")
     return seconds
