@@ -20,18 +20,10 @@ import pytest
 from latency import LatencyTable
 from nas.cli_build_lut import main
 from search_spaces import SearchSpace, StageChoices
+from test_lut import tiny_v1_space
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = ["--space", "efficientformer_v2_demo", "--resolution", "32", "--num-classes", "10", "--in-chans", "1"]
-
-
-def tiny_v1() -> SearchSpace:
-    return SearchSpace("tiny_v1", "efficientformer", (
-        StageChoices((16,), (1,), (4,), "pool"),
-        StageChoices((16,), (1,), (4,), "pool"),
-        StageChoices((32,), (1,), (4,), "pool"),
-        StageChoices((32, 48), (1, 2), (4,), "pool", ("attn",), max_attn=1),
-    ), stem_stride=2)
 
 
 def tiny_v2() -> SearchSpace:
@@ -74,7 +66,7 @@ def test_help_has_examples() -> None:
 
 
 def test_iphone12_defaults_from_run_bundle_and_predicted_lut(tmp_path: Path) -> None:
-    space = tiny_v1()
+    space = tiny_v1_space()
     run = make_run(tmp_path, space)
     proc = cli("--device", "iphone12", "--no-progress", "--jobs", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -197,7 +189,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     # a LUT to refuse: the predicted iPhone LUT of the demo space (bundle of a tiny V1 space elsewhere)
     run_dir = tmp_path / "v1"
     run_dir.mkdir()
-    make_run(run_dir, tiny_v1())
+    make_run(run_dir, tiny_v1_space())
     monkeypatch.chdir(run_dir)
     assert main(["--device", "iphone12", "--jobs", "1", "--no-progress"]) == 0
     monkeypatch.chdir(tmp_path)
