@@ -124,6 +124,7 @@ AGREEMENT_HELPER = r'''
 """Runs under torchrun: trains a few steps with train() and checks every step that all ranks agree."""
 import inspect
 import json
+import os
 import sys
 
 import torch
@@ -174,9 +175,12 @@ if not all(torch.equal(g, gathered[0]) for g in gathered):
 buffers = torch.cat([b.detach().double().reshape(-1) for b in net.buffers()])
 gathered_b = [torch.empty_like(buffers) for _ in range(world)]
 dist.all_gather(gathered_b, buffers)
-print(json.dumps({"rank": rank, "world": world, "steps_checked": checked, "problems": problems,
-                  "checksum": float(flat.double().sum()), "n_params": flat.numel(),
-                  "buffers_equal_across_ranks": all(torch.equal(g, gathered_b[0]) for g in gathered_b)}), flush=True)
+# one file per rank: two ranks printing at once can interleave on one stdout line
+report = {"rank": rank, "world": world, "steps_checked": checked, "problems": problems,
+          "checksum": float(flat.double().sum()), "n_params": flat.numel(),
+          "buffers_equal_across_ranks": all(torch.equal(g, gathered_b[0]) for g in gathered_b)}
+with open(os.path.join(os.path.dirname(sys.argv[1]), f"report-rank{rank}.json"), "w") as f:
+    f.write(json.dumps(report))
 dist.destroy_process_group()
 sys.exit(1 if problems else 0)
 '''
@@ -186,7 +190,9 @@ def test_ranks_agree_on_architectures_and_weights_every_step(tmp_path: Path) -> 
     helper = tmp_path / "agree.py"
     helper.write_text(textwrap.dedent(AGREEMENT_HELPER))
     proc = run(torchrun(str(helper), str(tmp_path / "run")))
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    files = sorted(tmp_path.glob("report-rank*.json"))
+    assert len(files) == 2, proc.stdout + proc.stderr
+    reports = [json.loads(f.read_text()) for f in files]
     assert sorted(r["rank"] for r in reports) == [0, 1], proc.stdout + proc.stderr
     steps = (256 - 26) // 32
     for r in reports:
