@@ -4,7 +4,7 @@ In the working folder ``demo/`` it runs, as separate commands:
 
     nas-train   (the CPU demo recipe: V2 demo space, 32x32, 3 epochs)
     nas-build-lut --device local-cpu --validate 20
-    nas-search --latency <budget>ms --max-params <budget>
+    nas-search --device local-cpu --latency <budget>ms --max-params <budget>
     nas-extract subnet.json
 
 and prints a summary. Every step reuses finished work, so a second run takes well under a minute.
@@ -65,7 +65,9 @@ def main() -> None:
     run(TRAIN, work, timings, "train")
     run(["nas-build-lut", "--device", "local-cpu", "--validate", "20"], work, timings, "build-lut")
     latency, params = choose_budgets(work, 32)
-    run(["nas-search", "--latency", latency, "--max-params", params], work, timings, "search")
+    # --device: the budget comes from the local-cpu LUT, whatever other LUTs the folder holds
+    run(["nas-search", "--device", "local-cpu", "--latency", latency, "--max-params", params], work, timings,
+        "search")
     sub = json.loads((work / "subnet.json").read_text())
     sys.path.insert(0, str(ROOT))
     from search_spaces.subnet_file import SubnetFile
