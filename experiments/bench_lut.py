@@ -36,6 +36,7 @@ from latency import (
     validate_lut,
 )
 from latency.runtime import measurement_environment
+from latency.lut import default_lut_path
 from search_spaces import family_defaults, get_space
 
 HERE = Path(__file__).resolve().parent
@@ -85,7 +86,7 @@ def main() -> int:
     say(f"environment: {platform.platform()}, {env['host']['cpu']}, {os.cpu_count()} CPUs, python "
           f"{platform.python_version()}, versions {env['host']['versions']}, load average {_load()}")
     args.work.mkdir(parents=True, exist_ok=True)
-    lut_path = args.work / f"lut-local-cpu-{args.resolution}.json"
+    lut_path = default_lut_path("local-cpu", args.resolution, args.work)
     result: dict = {"environment": env, "space": space.name, "space_hash": space.hash,
                     "resolution": args.resolution, "load_before": _load()}
 

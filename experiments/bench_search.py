@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from latency import LatencyTable, predict_latency
+from latency.lut import default_lut_path
 from latency.profiles import get_profile
 from latency.runtime import measure_module
 from nas.objectives import MesWeights
@@ -64,7 +65,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.chdir(args.work)
     run = load_run(find_latest_run("."))
-    lut_path = Path(f"lut-local-cpu-{run.resolution}.json")
+    lut_path = default_lut_path("local-cpu", run.resolution)
     lut = LatencyTable.load(lut_path)
     space = run.space
     lo, hi = predict_latency(space.smallest(), lut), predict_latency(space.largest(), lut)

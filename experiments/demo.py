@@ -41,11 +41,12 @@ def choose_budgets(work: Path, resolution: int) -> tuple[str, str]:
     """A latency budget halfway between the space's smallest and largest subnets, and a matching params budget."""
     sys.path.insert(0, str(ROOT))
     from latency import LatencyTable, predict_latency
+    from latency.lut import default_lut_path
     from search_spaces import count_params, lower
     from supernet.run import find_latest_run, load_run
 
     run_info = load_run(find_latest_run(work))
-    lut = LatencyTable.load(work / f"lut-local-cpu-{resolution}.json")
+    lut = LatencyTable.load(default_lut_path("local-cpu", resolution, work))
     space = run_info.space
     lo, hi = predict_latency(space.smallest(), lut), predict_latency(space.largest(), lut)
     p_hi = count_params(lower(space.largest(), resolution=resolution, num_classes=run_info.num_classes,

@@ -227,7 +227,9 @@ def _default_out(args: argparse.Namespace, device: str, resolution: int, shard: 
         return Path(args.out)
     if shard:
         return Path(f"lut-{device}-{resolution}.shard-{shard[0]}of{shard[1]}.json")
-    return Path(f"lut-{device}-{resolution}.json")
+    from latency.lut import default_lut_path
+
+    return default_lut_path(device, resolution)
 
 
 def _pct(x: float) -> str:

@@ -194,6 +194,7 @@ def extract(subnet_path: str | Path, *, supernet: str | None = None, out: str | 
 def _latencies(model: torch.nn.Module, shape: tuple[int, ...], sub: SubnetFile, run: Any) -> dict[str, Any]:
     """Measured local-cpu latency (ORT, 1 thread) next to every LUT prediction available."""
     from latency import LatencyTable, predict_latency
+    from latency.lut import default_lut_path
     from latency.profiles import get_profile
     from latency.runtime import measure_module
 
@@ -206,7 +207,7 @@ def _latencies(model: torch.nn.Module, shape: tuple[int, ...], sub: SubnetFile, 
                         "iqr": stats.iqr_ms, "statistic": "median",
                         "source": f"measured (ORT, 1 thread, best of {MEASURE_ROUNDS} rounds)"}
     luts = {d: Path(v["path"]) for d, v in sub.provenance.get("luts", {}).items()}
-    local = Path(f"lut-local-cpu-{sub.resolution}.json")
+    local = default_lut_path("local-cpu", sub.resolution)
     if "local-cpu" not in luts and local.is_file():
         luts["local-cpu"] = local
     for device, path in luts.items():

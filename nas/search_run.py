@@ -71,10 +71,11 @@ def find_luts(folder: Path, resolution: int) -> dict[str, Path]:
 def load_latency_models(devices: list[str], explicit: dict[str, Path], run: Any) -> dict[str, LatencyModel]:
     """One :class:`LatencyModel` per device from its LUT, refusing LUTs of another device, resolution or space."""
     from latency import LatencyTable, predict_latency
+    from latency.lut import default_lut_path
 
     models = {}
     for device in devices:
-        path = explicit.get(device) or Path(f"lut-{device}-{run.resolution}.json")
+        path = explicit.get(device) or default_lut_path(device, run.resolution)
         if not path.is_file():
             raise NasUserError(f"no latency LUT for device {device!r} at resolution {run.resolution} ({path}); "
                                f"run: nas-build-lut --device {device}")
