@@ -19,6 +19,7 @@ from .registry import (
     register_preset,
     register_space,
 )
+from .setup import TASKS, LoweringSetup, format_resolution, parse_resolution, resolution_json
 from .space import SearchSpace, SlimAction, StageChoices
 from .specs import BLOCK_KINDS, BlockSpec
 
@@ -31,6 +32,7 @@ __all__ = [
     "MIXERS", "ArchConfig", "BlockConfig", "StageConfig",
     "BLOCK_KINDS", "BlockSpec",
     "SearchSpace", "SlimAction", "StageChoices",
+    "TASKS", "LoweringSetup", "format_resolution", "parse_resolution", "resolution_json",
     "NasUserError", "SpaceError", "FileFormatError",
     "block_macs", "block_params", "count_macs", "count_params",
     "family_defaults", "get_preset", "get_space", "list_families", "list_presets", "list_spaces", "lower",

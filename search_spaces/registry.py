@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from .arch import ArchConfig
-from .errors import SpaceError
+from .errors import NasUserError, SpaceError
+from .setup import LoweringSetup
 from .space import SearchSpace
 from .specs import BlockSpec
 
@@ -95,17 +96,21 @@ def family_defaults(family: str) -> bool:
 
 def lower(
     arch: ArchConfig,
+    setup: LoweringSetup | None = None,
     *,
-    resolution: int = 224,
-    num_classes: int = 1000,
-    in_chans: int = 3,
+    resolution: int | str | tuple[int, int] | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
     distillation: bool | None = None,
 ) -> tuple[BlockSpec, ...]:
     """Lower a config to its block specs, in forward order (stem first, head last).
 
     Args:
         arch: the architecture.
-        resolution: input side in pixels.
+        setup: the lowering setup (input size, classes, input channels, distillation head,
+            task); or give its fields as keywords (defaults: 224, 1000 classes, 3 channels,
+            the family's distillation default), not both.
+        resolution: input side in pixels, or ``(height, width)``.
         num_classes: classifier outputs.
         in_chans: input channels (3 for RGB, 1 for Fashion-MNIST).
         distillation: add ``head_dist``; ``None`` takes the family default
@@ -116,17 +121,33 @@ def lower(
     """
     if arch.family not in _FAMILIES:
         raise _unknown("family", arch.family, list_families())
+    setup = _setup(setup, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
+                   distillation=distillation)
     fn, default_dist = _FAMILIES[arch.family]
-    for name, value, low in (("resolution", resolution, 8), ("num_classes", num_classes, 1), ("in_chans", in_chans, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise SpaceError(f"{name} must be an int >= {low}, got {value!r}")
+    h, w = setup.resolution
+    if h != w:
+        raise SpaceError(f"{arch.family} lowering takes square inputs only, got {setup.text}")
     return fn(
         arch,
-        resolution=resolution,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        distillation=default_dist if distillation is None else bool(distillation),
+        resolution=h,
+        num_classes=setup.num_classes,
+        in_chans=setup.in_chans,
+        distillation=default_dist if setup.distillation is None else setup.distillation,
     )
+
+
+def _setup(setup: LoweringSetup | None, **keywords: object) -> LoweringSetup:
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if setup is not None:
+        if given:
+            raise TypeError(f"give either a LoweringSetup or its fields as keywords, not both (got {sorted(given)})")
+        if not isinstance(setup, LoweringSetup):
+            raise TypeError(f"`setup` must be a LoweringSetup, got {type(setup).__name__}")
+        return setup
+    try:
+        return LoweringSetup(**given)  # type: ignore[arg-type]
+    except NasUserError as exc:
+        raise SpaceError(str(exc)) from None
 
 
 #: The published parameter counts, exact ``sum(p.numel())`` of the reference models at 224 px with
