@@ -28,8 +28,9 @@ Features of a block (all additive, so a network's features are the sums of its b
   LUT stores it as its calibration offset, so a network's prediction is still the sum of its
   blocks plus that offset.
 
-Together the three MAC features equal :func:`search_spaces.block_macs` exactly. The default
-model uses ``macs`` (their sum), ``act`` and ``const``: leave-one-out MAPE 7.5% (max 10.5%),
+All of them come from the block kind's op trace (:mod:`search_spaces.ops`), the same trace
+that exact counting reads, so the three MAC features add up to :func:`search_spaces.block_macs`.
+The default model uses ``macs`` (their sum), ``act`` and ``const``: leave-one-out MAPE 7.5% (max 10.5%),
 against 10.7% (max 19.9%) for ``macs`` and ``const`` alone. :func:`fit_prior` fits any subset with
 non-negative least squares (a small active-set solver, :func:`nnls`; no scipy) and reports the
 leave-one-out error over the presets. The prior describes 224x224 ImageNet-size models; at
@@ -50,9 +51,9 @@ from typing import Any
 
 import numpy as np
 
-from search_spaces import BlockSpec, block_macs, get_preset, lower
+from search_spaces import BlockSpec, get_preset, lower
 from search_spaces.errors import NasUserError
-from search_spaces.specs import ceil_div
+from search_spaces.kinds import trace
 
 __all__ = [
     "IPHONE12_PRESET_MS",
@@ -87,197 +88,23 @@ _UNIT = {"macs": "ms per GMAC", "macs_dense": "ms per GMAC", "macs_dw": "ms per 
          "macs_attn": "ms per GMAC", "act": "ms per million activation elements", "const": "ms per inference"}
 
 
-# --------------------------------------------------------------------------- per-op decomposition
-class _Ops:
-    """Accumulates (MACs by class, output elements) of a block's ops."""
-
-    def __init__(self) -> None:
-        self.dense = self.dw = self.attn = self.act = 0
-
-    def conv(self, cin: int, cout: int, side: int, k: int = 1, groups: int = 1) -> None:
-        macs = cout * (cin // groups) * k * k * side * side
-        if groups > 1:
-            self.dw += macs
-        else:
-            self.dense += macs
-        self.act += cout * side * side
-
-    def linear(self, i: int, o: int, n: int = 1) -> None:
-        self.dense += i * o * n
-        self.act += o * n
-
-    def matmul(self, macs: int, out: int) -> None:
-        self.attn += macs
-        self.act += out
-
-    def elem(self, n: int, times: int = 1) -> None:
-        self.act += n * times
-
-
-def _ffn(o: _Ops, c: int, h: int, s: int) -> None:
-    n = s * s
-    o.conv(c, h, s)
-    o.elem(h * n)  # GELU
-    o.conv(h, h, s, 3, h)
-    o.elem(h * n)  # GELU
-    o.conv(h, c, s)
-    o.elem(c * n)  # layer scale + residual
-
-
-def _lite(o: _Ops, c: int, heads: int, dim: int, s: int) -> None:
-    td, n = heads * dim, s * s
-    o.conv(c, 3 * td, s)
-    o.conv(3 * td, 3 * td, s, 5, 3 * td)
-    o.conv(3 * td, 3 * td, s, 1, 3 * heads)
-    o.elem(2 * 2 * td * n)  # ReLU kernels on q and k, both scales
-    # per scale and head: k^T v (dim x (dim+1)), then q (k^T v) (n x (dim+1))
-    o.matmul(2 * heads * n * dim * (dim + 1), 2 * heads * dim * (dim + 1))
-    o.matmul(2 * heads * n * dim * (dim + 1), 2 * heads * n * (dim + 1))
-    o.conv(2 * td, c, s)
-    o.elem(c * n)  # residual
-
-
-def _mbconv(o: _Ops, cin: int, cout: int, h: int, s_in: int, stride: int, residual: bool) -> None:
-    s_out = ceil_div(s_in, stride)
-    o.conv(cin, h, s_in)
-    o.elem(h * s_in * s_in)
-    o.conv(h, h, s_out, 3, h)
-    o.elem(h * s_out * s_out)
-    o.conv(h, cout, s_out)
-    if residual:
-        o.elem(cout * s_out * s_out)
-
-
-def _decompose(spec: BlockSpec) -> _Ops:
-    o = _Ops()
-    kind, c, s = spec.kind, spec.cin, spec.size
-    n = s * s
-    if kind in ("ef1.stem", "ef2.stem"):
-        half = spec.cout // 2
-        s1 = ceil_div(s, 2)
-        s2 = ceil_div(s1, 2 if spec.stride == 4 else 1)
-        o.conv(c, half, s1, 3)
-        o.elem(half * s1 * s1)
-        o.conv(half, spec.cout, s2, 3)
-        o.elem(spec.cout * s2 * s2)
-    elif kind in ("ef1.down", "ef2.down"):
-        o.conv(c, spec.cout, spec.out_size, 3)
-    elif kind == "ef1.meta4d":
-        o.elem(c * n, 3)  # pool, subtract, layer scale + residual
-        o.conv(c, spec.hidden, s)
-        o.elem(spec.hidden * n)
-        o.conv(spec.hidden, c, s)
-        o.elem(c * n)
-    elif kind == "ef1.meta3d":
-        qkv = spec.heads * (2 * spec.key_dim + spec.value_dim)
-        hv = spec.heads * spec.value_dim
-        o.elem(c * n)  # LN
-        o.linear(c, qkv, n)
-        o.matmul(spec.heads * n * n * spec.key_dim, spec.heads * n * n)
-        o.elem(spec.heads * n * n, 2)  # bias add, softmax
-        o.matmul(spec.heads * n * n * spec.value_dim, hv * n)
-        o.linear(hv, c, n)
-        o.elem(c * n, 2)  # residual, LN
-        o.linear(c, spec.hidden, n)
-        o.elem(spec.hidden * n)
-        o.linear(spec.hidden, c, n)
-        o.elem(c * n)
-    elif kind == "ef1.head":
-        o.elem(c * n + c)  # LN, mean
-        o.linear(c, spec.num_classes, 2 if spec.distillation else 1)
-    elif kind == "ef2.ffn":
-        _ffn(o, c, spec.hidden, s)
-    elif kind == "ef2.attn_ffn":
-        r = spec.out_size
-        m = r * r
-        kh, dh = spec.heads * spec.key_dim, spec.heads * spec.value_dim
-        if spec.stride > 1:
-            o.conv(c, c, r, 3, c)
-        o.conv(c, kh, r)
-        o.conv(c, kh, r)
-        o.conv(c, dh, r)
-        o.conv(dh, dh, r, 3, dh)
-        o.matmul(spec.heads * m * m * spec.key_dim, spec.heads * m * m)
-        o.elem(spec.heads * m * m)  # bias
-        o.matmul(spec.heads * spec.heads * m * m, spec.heads * m * m)  # talking head 1
-        o.elem(spec.heads * m * m)  # softmax
-        o.matmul(spec.heads * spec.heads * m * m, spec.heads * m * m)  # talking head 2
-        o.matmul(spec.heads * m * m * spec.value_dim, dh * m)
-        o.elem(dh * m)  # + v_local
-        if spec.stride > 1:
-            o.elem(dh * n)  # upsample
-        o.elem(dh * n)  # GELU
-        o.conv(dh, c, s)
-        o.elem(c * n)  # residual
-        _ffn(o, c, spec.hidden, s)
-    elif kind == "ef2.down_attn":
-        r2 = spec.out_size
-        n2 = r2 * r2
-        kh, dh = spec.heads * spec.key_dim, spec.heads * spec.value_dim
-        o.conv(c, c, r2, 3, c)
-        o.elem(c * n2, 2)  # subsample, add
-        o.conv(c, kh, r2)
-        o.conv(c, kh, s)
-        o.conv(c, dh, s)
-        o.matmul(spec.heads * n2 * n * spec.key_dim, spec.heads * n2 * n)
-        o.elem(spec.heads * n2 * n, 2)  # bias, softmax
-        o.matmul(spec.heads * n2 * n * spec.value_dim, dh * n2)
-        o.conv(dh, dh, r2, 3, dh)
-        o.elem(dh * n2, 2)  # add, GELU
-        o.conv(dh, spec.cout, r2)
-        o.conv(c, spec.cout, r2, 3)  # the conv branch
-        o.elem(spec.cout * n2)
-    elif kind == "ef2.lite_ffn":
-        _lite(o, c, spec.heads, spec.value_dim, s)
-        _ffn(o, c, spec.hidden, s)
-    elif kind == "ef2.head":
-        o.elem(c * n + c)  # BN, pool
-        o.linear(c, spec.num_classes, 2 if spec.distillation else 1)
-    elif kind == "evit.stem":
-        o.conv(c, spec.cout, spec.out_size, 3)
-        o.elem(spec.cout * spec.out_size ** 2)
-    elif kind == "evit.dsconv":
-        o.conv(c, c, s, 3, c)
-        o.elem(c * n)
-        o.conv(c, spec.cout, s)
-        o.elem(spec.cout * n)
-    elif kind in ("evit.mbconv", "evit.down_fn"):
-        _mbconv(o, c, spec.cout, spec.hidden, s, spec.stride, spec.stride == 1 and c == spec.cout)
-    elif kind == "evit.block":
-        _lite(o, c, spec.heads, spec.value_dim, s)
-        _mbconv(o, c, c, spec.hidden, s, 1, True)
-    elif kind == "evit.head":
-        w0, w1 = spec.head_hidden
-        o.conv(c, w0, s)
-        o.elem(w0 * n + w0)  # Hardswish, pool
-        o.linear(w0, w1)
-        o.elem(w1, 2)  # LN, Hardswish
-        o.linear(w1, spec.num_classes)
-    else:  # pragma: no cover - BlockSpec validates kinds
-        raise NasUserError(f"the latency prior has no features for block kind {kind!r}")
-    return o
-
-
 def block_features(spec: BlockSpec) -> dict[str, float]:
-    """Additive cost features of one block (see the module docstring).
+    """Additive cost features of one block, read off its op trace (see the module docstring).
 
     Args:
         spec: the block.
 
     Returns:
         ``{"macs", "macs_dense", "macs_dw", "macs_attn", "act"}`` in raw counts (MACs and
-        elements at batch 1); ``macs`` equals :func:`search_spaces.block_macs`.
+        elements at batch 1); ``macs`` equals :func:`search_spaces.block_macs` by construction.
 
-    >>> f = block_features(BlockSpec("ef2.ffn", cin=48, cout=48, size=14, hidden=192))
+    >>> f = block_features(BlockSpec("ef2.ffn", cin=48, cout=48, h=14, w=14, hidden=192))
     >>> f["macs"] == f["macs_dense"] + f["macs_dw"] + f["macs_attn"]
     True
     """
-    o = _decompose(spec)
-    total = o.dense + o.dw + o.attn
-    if total != block_macs(spec):  # pragma: no cover - guarded by the tests
-        raise AssertionError(f"prior MACs {total} != block_macs {block_macs(spec)} for {spec.key}")
-    return {"macs": float(total), "macs_dense": float(o.dense), "macs_dw": float(o.dw),
-            "macs_attn": float(o.attn), "act": float(o.act)}
+    t = trace(spec)
+    return {"macs": float(t.macs), "macs_dense": float(t.dense), "macs_dw": float(t.dw),
+            "macs_attn": float(t.attn), "act": float(t.act)}
 
 
 def _feature_row(specs: Iterable[BlockSpec], features: Sequence[str]) -> np.ndarray:

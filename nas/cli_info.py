@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from search_spaces import get_preset, list_presets, lower, count_macs, count_params
+from search_spaces import TASKS, count_macs, count_params, format_resolution, get_preset, list_presets, lower
 
 from ._cli import NasArgumentParser, run_cli
 from .info import describe, format_table, resolve_target
@@ -17,6 +17,7 @@ EPILOG = """examples:
   nas-info efficientformerv2_s0 --json      the same as one JSON object
   nas-info runs/search1/subnet.json         a searched subnet
   nas-info efficientformer_l1 --resolution 448 --num-classes 10
+  nas-info efficientformerv2_s0 --resolution 512x1024 --task backbone   as a detection backbone
   nas-info --list                           every preset with its exact parameter count
   nas-info subnet.json --lut lut-iphone12-224.json   + latency from a LUT (predicted ones are labelled)
 """
@@ -27,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", help="a preset name or a subnet.json file")
     p.add_argument("--list", action="store_true", help="list the presets")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--resolution", type=int, help="input side in pixels (default: 224 or the file's)")
+    p.add_argument("--resolution", help="input size in pixels: 224, or HEIGHTxWIDTH such as 512x1024 "
+                                        "(default: 224 or the file's)")
+    p.add_argument("--task", choices=TASKS, help="classify (with the head) or backbone (without it; "
+                                                 "default: classify or the file's)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: 1000 or the file's)")
     p.add_argument("--in-chans", type=int, help="input channels (default: 3 or the file's)")
     p.add_argument("--lut", action="append", default=[],
@@ -52,8 +56,8 @@ def _body(args: argparse.Namespace) -> int:
     if not args.target:
         build_parser().error("give a preset name or a subnet.json file, or --list")
     name, sub = resolve_target(args.target, resolution=args.resolution, num_classes=args.num_classes,
-                               in_chans=args.in_chans)
-    luts = [Path(p) for p in args.lut] or sorted(Path(".").glob(f"lut-*-{sub.resolution}.json"))
+                               in_chans=args.in_chans, task=args.task)
+    luts = [Path(p) for p in args.lut] or sorted(Path(".").glob(f"lut-*-{format_resolution(sub.hw)}.json"))
     info = describe(name, sub, luts=luts, strict=bool(args.lut))  # a LUT the user named must work
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0

@@ -5,20 +5,26 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dataclasses import replace
+
 from search_spaces import (
-    ArchConfig, BlockSpec, block_macs, block_params, family_defaults, get_preset, list_presets,
+    TASKS, ArchConfig, BlockSpec, block_macs, block_params, family_defaults, get_preset, list_presets,
+    parse_resolution, resolution_json,
 )
+from search_spaces.kinds import get_kind
 from search_spaces.errors import NasUserError
 from search_spaces.subnet_file import SubnetFile
 
 __all__ = ["resolve_target", "describe", "format_table", "lut_latencies"]
 
 
-def resolve_target(target: str, *, resolution: int | None = None, num_classes: int | None = None,
-                   in_chans: int | None = None) -> tuple[str, SubnetFile]:
+def resolve_target(target: str, *, resolution: int | str | tuple[int, int] | None = None,
+                   num_classes: int | None = None, in_chans: int | None = None,
+                   task: str | None = None) -> tuple[str, SubnetFile]:
     """Turn a preset name or a ``subnet.json`` path into ``(name, SubnetFile)``.
 
-    Explicit ``resolution`` / ``num_classes`` / ``in_chans`` override the file's values.
+    Explicit ``resolution`` (``224`` or ``"512x1024"``) / ``num_classes`` / ``in_chans`` /
+    ``task`` override the file's values.
     """
     path = Path(target)
     if target.endswith(".json") or path.is_file():
@@ -32,31 +38,27 @@ def resolve_target(target: str, *, resolution: int | None = None, num_classes: i
         raise NasUserError(
             f"{target!r} is neither a preset nor a subnet.json file; known presets: {', '.join(list_presets())}"
         )
+    for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if value is not None and value < 1:
+            raise NasUserError(f"--{key.replace('_', '-')} must be an integer >= 1, got {value}")
+    if resolution is not None:
+        resolution = parse_resolution(resolution, what="--resolution")
+    if task is not None and task not in TASKS:
+        raise NasUserError(f"--task must be one of {list(TASKS)}, got {task!r}")
     overrides = {k: v for k, v in (("resolution", resolution), ("num_classes", num_classes),
-                                   ("in_chans", in_chans)) if v is not None}
-    for key, value in overrides.items():
-        low = 8 if key == "resolution" else 1
-        if value < low:
-            raise NasUserError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {value}")
+                                   ("in_chans", in_chans), ("task", task)) if v is not None}
     if overrides:
-        sub = SubnetFile(sub.arch, overrides.get("resolution", sub.resolution),
-                         overrides.get("num_classes", sub.num_classes), overrides.get("in_chans", sub.in_chans),
-                         sub.distillation, sub.metrics, sub.provenance)
+        sub = replace(sub, **overrides)
     return name, sub
 
 
-def _stage_labels(specs: tuple[BlockSpec, ...]) -> list[str]:
-    labels, stage = [], 1
-    for i, s in enumerate(specs):
-        if i == 0:
-            labels.append("stem")
-        elif i == len(specs) - 1:
-            labels.append("head")
-        else:
-            if s.out_size < s.size:
-                stage += 1
-            labels.append(str(stage))
-    return labels
+def _role(spec: BlockSpec) -> str:
+    """``stem``, ``down`` (a stage's entry unit), ``block`` or ``head``."""
+    if get_kind(spec.kind).is_head:
+        return "head"
+    if spec.slot >= 0:
+        return "block"
+    return "stem" if spec.stage == 0 else "down"
 
 
 def lut_latencies(sub: SubnetFile, luts: list[Path], *, strict: bool = False) -> dict[str, dict[str, Any]]:
@@ -94,10 +96,11 @@ def describe(name: str, sub: SubnetFile, *, luts: list[Path] | None = None, stri
     """Everything ``nas-info --json`` prints: totals, one row per block, and latency per LUT given."""
     specs = sub.specs()
     blocks = []
-    for label, s in zip(_stage_labels(specs), specs):
+    for s in specs:
         blocks.append({
-            "stage": label, "kind": s.kind, "key": s.key, "cin": s.cin, "cout": s.cout, "size": s.size,
-            "stride": s.stride, "hidden": s.hidden, "params": block_params(s), "macs": block_macs(s),
+            "stage": s.stage, "slot": s.slot, "role": _role(s), "kind": s.kind, "key": s.key, "cin": s.cin,
+            "cout": s.cout, "size": resolution_json(s.hw), "out_size": resolution_json(s.out_hw), "stride": s.stride,
+            "hidden": s.hidden, "params": block_params(s), "macs": block_macs(s),
         })
     arch: ArchConfig = sub.arch
     return {
@@ -107,7 +110,8 @@ def describe(name: str, sub: SubnetFile, *, luts: list[Path] | None = None, stri
         "arch_hash": arch.hash,
         "params": sum(b["params"] for b in blocks),
         "macs": sum(b["macs"] for b in blocks),
-        "resolution": sub.resolution,
+        "resolution": resolution_json(sub.hw),
+        "task": sub.task,
         "num_classes": sub.num_classes,
         "in_chans": sub.in_chans,
         "distillation": sub.distillation,
@@ -119,18 +123,23 @@ def describe(name: str, sub: SubnetFile, *, luts: list[Path] | None = None, stri
     }
 
 
+def _res_text(value: int | list[int]) -> str:
+    return str(value) if isinstance(value, int) else "x".join(str(v) for v in value)
+
+
 def format_table(info: dict[str, Any]) -> str:
     """Human-readable block table."""
     lines = [
-        f"{info['name']}: family {info['family']}, resolution {info['resolution']}, "
+        f"{info['name']}: family {info['family']}, resolution {_res_text(info['resolution'])}, task {info['task']}, "
         f"{info['num_classes']} classes, {info['in_chans']} input channels",
         f"  widths {info['widths']}  depths {info['depths']}  (arch {info['arch_hash']})",
         "",
-        f"  {'#':>3} {'stage':>5}  {'kind':<14} {'in':>5} {'out':>5} {'map':>5} {'hidden':>6} {'params':>12} {'MACs':>14}",
+        f"  {'#':>3} {'stage':>5}  {'kind':<14} {'in':>5} {'out':>5} {'map':>7} {'hidden':>6} {'params':>12} {'MACs':>14}",
     ]
     for i, b in enumerate(info["blocks"]):
+        stage = b["role"] if b["role"] in ("stem", "head") else b["stage"]
         lines.append(
-            f"  {i:>3} {b['stage']:>5}  {b['kind']:<14} {b['cin']:>5} {b['cout']:>5} {b['size']:>5} "
+            f"  {i:>3} {stage:>5}  {b['kind']:<14} {b['cin']:>5} {b['cout']:>5} {_res_text(b['size']):>7} "
             f"{b['hidden'] or '':>6} {b['params']:>12,} {b['macs']:>14,}"
         )
     lines += ["", f"  parameters {info['params']:,}   MACs {info['macs']:,} ({info['macs'] / 1e9:.3f} G)"]

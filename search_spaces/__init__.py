@@ -21,7 +21,10 @@ from .registry import (
 )
 from .setup import TASKS, LoweringSetup, format_resolution, parse_resolution, resolution_json
 from .space import SearchSpace, SlimAction, StageChoices
-from .specs import BLOCK_KINDS, BlockSpec
+from .kinds import BlockKind, get_kind, list_kinds
+from .lowering import Carry, Family, get_family
+from .ops import OpTrace
+from .specs import BlockSpec, block_kinds
 
 # Family modules register their lowering, spaces and presets on import.
 from . import efficientformer as _efficientformer  # noqa: E402,F401
@@ -30,7 +33,7 @@ from . import efficientvit as _efficientvit  # noqa: E402,F401
 
 __all__ = [
     "MIXERS", "ArchConfig", "BlockConfig", "StageConfig",
-    "BLOCK_KINDS", "BlockSpec",
+    "BlockSpec", "block_kinds", "BlockKind", "get_kind", "list_kinds", "OpTrace", "Carry", "Family", "get_family",
     "SearchSpace", "SlimAction", "StageChoices",
     "TASKS", "LoweringSetup", "format_resolution", "parse_resolution", "resolution_json",
     "NasUserError", "SpaceError", "FileFormatError",

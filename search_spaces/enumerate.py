@@ -1,74 +1,89 @@
-"""Every distinct block spec a search space can produce at one resolution (the LUT's keys).
+"""Every distinct block spec a search space can produce at one setup (the LUT's keys).
 
-A block's spec depends only on local choices: the widths before and at its stage, its own
-mixer and expansion, and (for EfficientFormer V1) whether tokens were already flattened, for
-EfficientViT whether it opens its stage. So instead of enumerating whole configs (far too many),
-we lower small *probe* configs: for each stage and each pair of (previous width, width), one
-config whose stage holds a block of every mixer and expansion, and whose other stages are the
-smallest. The union of their specs is exactly the set the space can produce.
+Lowering is positioned and per stage (:mod:`search_spaces.lowering`): a stage's specs depend
+only on what the previous stage hands on (a :class:`~search_spaces.lowering.Carry`: map size,
+channels, token layout), the architecture's family-wide constants, and the stage's own
+config. So we walk the stages in order with the set of carries that can reach each one, and
+lower each stage from each of those carries with a few *probe* stage configs: for every width,
+one whose blocks take every plain expansion and every attention mixer and expansion twice
+(a first and a later attention block), and short ones whose opening block takes each
+expansion, alone or followed by one attention block. Their union is exactly the set of specs
+the space can produce; no whole configs are enumerated.
 
 >>> from search_spaces import get_space
 >>> specs = enumerate_specs(get_space("efficientformer_v2_demo"), resolution=32, num_classes=10, in_chans=1)
->>> len(specs) > 50, all(s.size > 0 for s in specs)
+>>> len(specs) > 50, all(s.h > 0 for s in specs)
 (True, True)
 """
 from __future__ import annotations
 
 from .arch import ArchConfig, BlockConfig, StageConfig
-from .registry import lower
-from .space import SearchSpace
+from .lowering import Carry, get_family, resolve_setup
+from .setup import LoweringSetup
+from .space import SearchSpace, StageChoices
 from .specs import BlockSpec
 
-__all__ = ["enumerate_specs", "probe_archs"]
+__all__ = ["enumerate_specs", "probe_stages"]
 
 
-def probe_archs(space: SearchSpace) -> list[ArchConfig]:
-    """Configs whose lowerings together cover every spec of ``space`` (they need not be in the space)."""
-    smallest = space.smallest()
-    probes: list[ArchConfig] = []
-    for si, ch in enumerate(space.stages):
-        prev_widths = space.stages[si - 1].widths if si > 0 else (None,)
-        attn_e = [BlockConfig(m, e) for m in ch.attn_mixers for e in ch.expansions]
-        for prev in prev_widths:
-            for w in ch.widths:
-                for first_e in ch.expansions:
-                    # The opening block takes every expansion; then every plain expansion, then every
-                    # attention mixer x expansion twice (V1: a first Meta3D flattens, later ones take tokens).
-                    blocks = [BlockConfig(ch.plain_mixer, first_e)]
-                    blocks += [BlockConfig(ch.plain_mixer, e) for e in ch.expansions]
-                    blocks += attn_e + attn_e
-                    variants = [blocks]
-                    if ch.attn_mixers:
-                        opening = BlockConfig(ch.plain_mixer, first_e)
-                        variants.append([opening])  # the stage ends without attention
-                        variants += [[opening, a] for a in attn_e]  # each as the stage's first attention block
-                    for bl in variants:
-                        stages = list(smallest.stages)
-                        if prev is not None:
-                            stages[si - 1] = StageConfig(prev, stages[si - 1].blocks)
-                        stages[si] = StageConfig(w, tuple(bl))
-                        probes.append(ArchConfig(space.family, tuple(stages), space.stem_stride,
-                                                 space.head_widths, space.head_dim))
-    return probes
+def probe_stages(ch: StageChoices, width: int) -> list[StageConfig]:
+    """Stage configs of ``width`` whose blocks together show every block a stage of ``ch`` can hold.
+
+    They need not be in the space (their depths may not be allowed); lowering does not care.
+    """
+    plain = [BlockConfig(ch.plain_mixer, e) for e in ch.expansions]
+    attn = [BlockConfig(m, e) for m in ch.attn_mixers for e in ch.expansions]
+    stages = [StageConfig(width, tuple([opening] + plain + attn + attn)) for opening in plain]
+    for opening in plain:
+        stages.append(StageConfig(width, (opening,)))  # the stage ends without attention
+        stages += [StageConfig(width, (opening, a)) for a in attn]  # each as the stage's first attention block
+    return stages
 
 
 def enumerate_specs(
     space: SearchSpace,
+    setup: LoweringSetup | None = None,
     *,
-    resolution: int,
-    num_classes: int = 1000,
-    in_chans: int = 3,
+    resolution: int | str | tuple[int, int] | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
     distillation: bool | None = None,
+    task: str | None = None,
 ) -> list[BlockSpec]:
-    """All distinct block specs of ``space`` at ``resolution``, sorted by key.
+    """All distinct block specs of ``space`` at ``setup`` (or its fields as keywords), sorted by key.
 
     Raises:
-        SpaceError: the space cannot be lowered at this resolution (e.g. an odd stage-3 map
+        SpaceError: the space cannot be lowered at this input size (e.g. an odd stage-3 map
             under V2's stride-2 attention).
     """
+    family = get_family(space.family)
+    setup = resolve_setup(family, setup, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
+                          distillation=distillation, task=task)
+    smallest = space.smallest()
     seen: dict[str, BlockSpec] = {}
-    for arch in probe_archs(space):
-        for spec in lower(arch, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
-                          distillation=distillation):
+
+    def keep(specs: tuple[BlockSpec, ...]) -> None:
+        for spec in specs:
             seen.setdefault(spec.key, spec)
+
+    carries: dict[Carry, ArchConfig] = {}
+    for w in space.stages[0].widths:
+        arch = smallest.replace_stage(0, StageConfig(w, smallest.stages[0].blocks))
+        family.check(arch)
+        specs, carry = family.stem(arch, setup)
+        keep(specs)
+        carries.setdefault(carry, arch)
+    for si, ch in enumerate(space.stages):
+        after: dict[Carry, ArchConfig] = {}
+        for carry, base in carries.items():
+            for w in ch.widths:
+                for stage in probe_stages(ch, w):
+                    arch = base.replace_stage(si, stage)
+                    specs, out = family.stage(arch, si, carry, setup)
+                    keep(specs)
+                    after.setdefault(out, arch)
+        carries = after
+    if setup.task == "classify":
+        for carry, arch in carries.items():
+            keep(family.head(arch, carry, setup))
     return [seen[k] for k in sorted(seen)]

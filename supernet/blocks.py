@@ -10,15 +10,19 @@ Shapes: map blocks take and return ``(B, C, H, W)``; ``ef1.meta3d`` takes ``(B, 
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from search_spaces import BlockSpec
+from search_spaces.kinds import get_kind
 
-__all__ = ["build_block", "BLOCK_CLASSES", "ConvNorm", "LiteMLA", "relative_bias_index", "downsample_bias_index"]
+__all__ = ["build_block", "block_class", "ConvNorm", "LiteMLA", "relative_bias_index", "downsample_bias_index"]
 
 LN_EPS = 1e-5
 LITE_EPS = 1e-5
@@ -36,19 +40,31 @@ class ConvNorm(nn.Module):
         return self.bn(self.conv(x))
 
 
-def relative_bias_index(side: int) -> torch.Tensor:
-    """``(N, N)`` index into a ``side*side`` bias table by ``|dy| * side + |dx|`` (N = side**2)."""
-    pos = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")).flatten(1)
+def _grid(h: int, w: int, step: int = 1) -> torch.Tensor:
+    """``(2, N)`` row and column of every point of an ``h x w`` grid (every ``step``-th), row-major."""
+    return torch.stack(torch.meshgrid(torch.arange(0, h, step), torch.arange(0, w, step), indexing="ij")).flatten(1)
+
+
+def relative_bias_index(h: int, w: int) -> torch.Tensor:
+    """``(N, N)`` index into an ``h*w`` bias table by ``|dy| * w + |dx|`` (N = h*w).
+
+    The reference models index the same way (timm: ``rel_pos[0] * resolution[1] + rel_pos[1]``).
+    """
+    pos = _grid(h, w)
     rel = (pos[:, :, None] - pos[:, None, :]).abs()
-    return rel[0] * side + rel[1]
+    return rel[0] * w + rel[1]
 
 
-def downsample_bias_index(side: int) -> torch.Tensor:
-    """``(N/4, N)`` index for stride-2 queries against full-grid keys (V2 attention downsampling)."""
-    k_pos = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")).flatten(1)
-    q_pos = torch.stack(torch.meshgrid(torch.arange(0, side, 2), torch.arange(0, side, 2), indexing="ij")).flatten(1)
-    rel = (q_pos[:, :, None] - k_pos[:, None, :]).abs()
-    return rel[0] * side + rel[1]
+def downsample_bias_index(h: int, w: int) -> torch.Tensor:
+    """``(N2, N)`` index for stride-2 queries against full-grid keys (V2 attention downsampling).
+
+    Keys lie on the ``h x w`` input grid and queries on its stride-2 subgrid; the offset
+    ``(|dy|, |dx|)`` indexes an ``h*w`` table as ``|dy| * w + |dx|``. On square maps this is
+    timm's index; timm builds the key grid from the width alone, which only works when
+    ``h == w``, so for non-square maps we take the true ``h x w`` grid.
+    """
+    rel = (_grid(h, w, 2)[:, :, None] - _grid(h, w)[:, None, :]).abs()
+    return rel[0] * w + rel[1]
 
 
 def _layer_scale(c: int) -> nn.Parameter:
@@ -104,14 +120,15 @@ class Meta4D(nn.Module):
 class MHSA(nn.Module):
     """V1 attention on tokens: fused qkv (per head ``[q kd, k kd, v vd]``), learned relative bias, proj."""
 
-    def __init__(self, c: int, heads: int, key_dim: int, value_dim: int, side: int) -> None:
+    def __init__(self, c: int, heads: int, key_dim: int, value_dim: int, hw: tuple[int, int]) -> None:
         super().__init__()
         self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
         self.scale = key_dim ** -0.5
+        self.hw = tuple(hw)
         self.qkv = nn.Linear(c, heads * (2 * key_dim + value_dim))
         self.proj = nn.Linear(heads * value_dim, c)
-        self.attention_biases = nn.Parameter(torch.zeros(heads, side * side))
-        self.register_buffer("attention_bias_idxs", relative_bias_index(side), persistent=False)
+        self.attention_biases = nn.Parameter(torch.zeros(heads, hw[0] * hw[1]))
+        self.register_buffer("attention_bias_idxs", relative_bias_index(*hw), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -130,7 +147,7 @@ class Meta3D(nn.Module):
         c = spec.cin
         self.flatten = not spec.tokens_in
         self.norm1 = nn.LayerNorm(c, eps=LN_EPS)
-        self.token_mixer = MHSA(c, spec.heads, spec.key_dim, spec.value_dim, spec.size)
+        self.token_mixer = MHSA(c, spec.heads, spec.key_dim, spec.value_dim, spec.hw)
         self.ls1 = _layer_scale(c)
         self.norm2 = nn.LayerNorm(c, eps=LN_EPS)
         self.fc1 = nn.Linear(c, spec.hidden)
@@ -183,15 +200,16 @@ class Attention4D(nn.Module):
     """V2 attention on maps: q/k/v 1x1 convs, relative bias, talking heads, v_local, GELU + proj.
 
     With ``stride=2`` (stage 3) a dw3x3 stride-2 conv runs first and the result is upsampled
-    back (bilinear) before the projection.
+    back (bilinear) before the projection. ``hw`` is the input map; the attention runs on
+    ``hw`` subsampled by ``stride`` (its bias table has one entry per offset on that grid).
     """
 
-    def __init__(self, c: int, heads: int, key_dim: int, value_dim: int, side: int, stride: int) -> None:
+    def __init__(self, c: int, heads: int, key_dim: int, value_dim: int, hw: tuple[int, int], stride: int) -> None:
         super().__init__()
         self.heads, self.key_dim = heads, key_dim
         self.scale = key_dim ** -0.5
-        self.side = math.ceil(side / stride)
-        self.n = self.side * self.side
+        self.hw = (math.ceil(hw[0] / stride), math.ceil(hw[1] / stride))
+        self.n = self.hw[0] * self.hw[1]
         kh, dh = heads * key_dim, heads * value_dim
         self.dh = dh
         self.stride_conv = ConvNorm(c, c, 3, stride, groups=c) if stride > 1 else None
@@ -205,7 +223,7 @@ class Attention4D(nn.Module):
         self.act = nn.GELU()
         self.proj = ConvNorm(dh, c)
         self.attention_biases = nn.Parameter(torch.zeros(heads, self.n))
-        self.register_buffer("attention_bias_idxs", relative_bias_index(self.side), persistent=False)
+        self.register_buffer("attention_bias_idxs", relative_bias_index(*self.hw), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Every reshape names all dims but the batch (-1): a traced batch size becomes an int cast that
@@ -220,7 +238,7 @@ class Attention4D(nn.Module):
         v = v.reshape(-1, self.heads, vd, self.n).permute(0, 1, 3, 2)
         attn = (q @ k) * self.scale + self.attention_biases[:, self.attention_bias_idxs]
         attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
-        x = (attn @ v).transpose(2, 3).reshape(-1, self.dh, self.side, self.side) + v_local
+        x = (attn @ v).transpose(2, 3).reshape(-1, self.dh, self.hw[0], self.hw[1]) + v_local
         if self.upsample is not None:
             x = self.upsample(x)
         return self.proj(self.act(x))
@@ -263,7 +281,7 @@ class Ef2Block(nn.Module):
         c = spec.cin
         if spec.kind == "ef2.attn_ffn":
             self.token_mixer: nn.Module | None = Attention4D(c, spec.heads, spec.key_dim, spec.value_dim,
-                                                             spec.size, spec.stride)
+                                                             spec.hw, spec.attn_stride)
         elif spec.kind == "ef2.lite_ffn":
             self.token_mixer = LiteMLA(c, spec.heads, spec.value_dim)
         else:
@@ -295,11 +313,11 @@ class AttnDownsample(nn.Module):
 
     def __init__(self, spec: BlockSpec) -> None:
         super().__init__()
-        cin, cout, side = spec.cin, spec.cout, spec.size
+        cin, cout = spec.cin, spec.cout
         self.heads, self.key_dim = spec.heads, spec.key_dim
         self.scale = spec.key_dim ** -0.5
-        self.side2 = math.ceil(side / 2)
-        self.n, self.n2 = side * side, self.side2 * self.side2
+        self.hw2 = spec.out_hw
+        self.n, self.n2 = spec.h * spec.w, self.hw2[0] * self.hw2[1]
         kh, dh = spec.heads * spec.key_dim, spec.heads * spec.value_dim
         self.dh = dh
         self.conv = ConvNorm(cin, cout, 3, 2)
@@ -310,7 +328,7 @@ class AttnDownsample(nn.Module):
         self.act = nn.GELU()
         self.proj = ConvNorm(dh, cout)
         self.attention_biases = nn.Parameter(torch.zeros(spec.heads, self.n))
-        self.register_buffer("attention_bias_idxs", downsample_bias_index(side), persistent=False)
+        self.register_buffer("attention_bias_idxs", downsample_bias_index(*spec.hw), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vd = self.dh // self.heads  # all dims but the batch named, as in Attention4D
@@ -320,7 +338,7 @@ class AttnDownsample(nn.Module):
         v_local = self.v_local(v)
         v = v.reshape(-1, self.heads, vd, self.n).permute(0, 1, 3, 2)
         attn = ((q @ k) * self.scale + self.attention_biases[:, self.attention_bias_idxs]).softmax(dim=-1)
-        y = (attn @ v).transpose(2, 3).reshape(-1, self.dh, self.side2, self.side2) + v_local
+        y = (attn @ v).transpose(2, 3).reshape(-1, self.dh, self.hw2[0], self.hw2[1]) + v_local
         return self.proj(self.act(y)) + self.conv(x)
 
 
@@ -421,38 +439,25 @@ class EvitHead(nn.Module):
         return self.head(self.drop(self.act(self.norm(self.fc(x)))))
 
 
-def _mbconv(spec: BlockSpec) -> MBConv:
+def build_mbconv(spec: BlockSpec) -> MBConv:
+    """``evit.mbconv`` (BN after every conv) or ``evit.down_fn`` (fewer norms) from its spec."""
     return MBConv(spec.cin, spec.cout, spec.hidden, spec.stride, fewer_norm=spec.kind == "evit.down_fn")
 
 
-BLOCK_CLASSES: dict[str, type[nn.Module] | object] = {
-    "ef1.stem": EfStem,
-    "ef1.down": Downsample,
-    "ef1.meta4d": Meta4D,
-    "ef1.meta3d": Meta3D,
-    "ef1.head": Ef1Head,
-    "ef2.stem": EfStem,
-    "ef2.down": Downsample,
-    "ef2.down_attn": AttnDownsample,
-    "ef2.ffn": Ef2Block,
-    "ef2.attn_ffn": Ef2Block,
-    "ef2.lite_ffn": Ef2Block,
-    "ef2.head": Ef2Head,
-    "evit.stem": EvitStem,
-    "evit.dsconv": DSConv,
-    "evit.mbconv": _mbconv,
-    "evit.down_fn": _mbconv,
-    "evit.block": EvitBlock,
-    "evit.head": EvitHead,
-}
+@functools.lru_cache(maxsize=None)
+def block_class(kind: str) -> Callable[[BlockSpec], nn.Module]:
+    """The module constructor of ``kind``, from its registry entry (``search_spaces.kinds``)."""
+    module, _, name = get_kind(kind).module.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_block(spec: BlockSpec) -> nn.Module:
     """The static module of one block spec (freshly initialised).
 
     >>> from search_spaces import BlockSpec
-    >>> block = build_block(BlockSpec("ef2.ffn", cin=16, cout=16, size=8, hidden=64))
+from search_spaces.kinds import get_kind
+    >>> block = build_block(BlockSpec("ef2.ffn", cin=16, cout=16, h=8, w=8, hidden=64))
     >>> block(torch.zeros(2, 16, 8, 8)).shape
     torch.Size([2, 16, 8, 8])
     """
-    return BLOCK_CLASSES[spec.kind](spec)  # type: ignore[operator]
+    return block_class(spec.kind)(spec)

@@ -23,21 +23,17 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from search_spaces import ArchConfig, BlockConfig, BlockSpec, SearchSpace, StageConfig, lower
+from search_spaces import ArchConfig, BlockConfig, BlockSpec, LoweringSetup, SearchSpace, StageConfig, lower
 from search_spaces.errors import SpaceError
+from search_spaces.kinds import get_kind
+from search_spaces.lowering import get_family, resolve_setup
 
 from .blocks import build_block
 from .model import StaticNet, init_weights
 
-__all__ = ["ElasticUnit", "Supernet", "SUPPORTED_FAMILIES"]
+__all__ = ["ElasticUnit", "Supernet", "SUPPORTED_FAMILIES", "unit_name"]
 
 SUPPORTED_FAMILIES = ("efficientformer", "efficientformer_v2")
-
-#: Parameter-name prefixes that a kind takes from a donor kind in the same slot.
-_SHARED: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ef2.attn_ffn": ("ef2.ffn", ("mlp.", "ls2")),
-    "ef2.lite_ffn": ("ef2.ffn", ("mlp.", "ls2")),
-}
 
 Slicer = Callable[[torch.Tensor, torch.Size, BlockSpec, BlockSpec], torch.Tensor]
 
@@ -85,13 +81,47 @@ def _lite_proj(full: torch.Tensor, shape: torch.Size, spec: BlockSpec, max_spec:
     return torch.cat([w[:, :td], w[:, td_max: td_max + td]], dim=1)
 
 
-_SLICERS: dict[tuple[str, str], Slicer] = {
-    ("ef2.lite_ffn", "token_mixer.proj.conv.weight"): _lite_proj,
-}
+#: Slicers by the names block kinds use for them (``BlockKind.slicers`` in ``search_spaces.kinds``).
+SLICERS: dict[str, Slicer] = {"lite_proj": _lite_proj}
+
+
+def _slicer(kind: str, name: str) -> Slicer | None:
+    slicer = get_kind(kind).slicer(name)
+    if slicer is None:
+        return None
+    if slicer not in SLICERS:
+        raise SpaceError(f"block kind {kind!r} names slicer {slicer!r} for {name!r}, which supernet.elastic lacks; "
+                         f"known slicers: {sorted(SLICERS)}")
+    return SLICERS[slicer]
+
+
+def _donor(kind: str, name: str, present: Iterable[str]) -> str | None:
+    """The kind whose weights ``name`` of ``kind`` shares in this slot (when that kind is present)."""
+    donor = get_kind(kind).donor(name)
+    return donor if donor is not None and donor in present else None
 
 
 def _key(kind: str) -> str:
     return kind.replace(".", "_")
+
+
+def unit_name(spec: BlockSpec) -> str:
+    """The supernet position of a lowered spec: ``stem``, ``down{i}``, ``s{i}b{j}`` or ``head``.
+
+    ``i`` is the index of the architecture's stage (``spec.stage - 1`` in the EfficientFormer
+    families, whose stage 0 is the stem) and ``j`` the block slot.
+
+    Raises:
+        SpaceError: the spec carries no position (it did not come from :func:`search_spaces.lower`).
+    """
+    if spec.stage < 0:
+        raise SpaceError(f"block {spec.key!r} carries no position; take specs from search_spaces.lower()")
+    if spec.stage == 0:
+        return "stem"
+    if get_kind(spec.kind).is_head:
+        return "head"
+    si = spec.stage - 1
+    return f"down{si}" if spec.slot < 0 else f"s{si}b{spec.slot}"
 
 
 class ElasticUnit(nn.Module):
@@ -108,11 +138,9 @@ class ElasticUnit(nn.Module):
         self.full = nn.ModuleDict()
         for kind, spec in self.max_specs.items():
             module = build_block(spec)
-            donor = _SHARED.get(kind)
-            if donor is not None and donor[0] in self.max_specs:
-                for name in [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)]:
-                    if any(name == p.rstrip(".") or name.startswith(p) for p in donor[1]):
-                        setattr(module, name, None)
+            for name in [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)]:
+                if _donor(kind, name, self.max_specs) is not None:
+                    setattr(module, name, None)  # held by the donor kind's module in this slot
             self.full[_key(kind)] = module
         self._templates = templates
 
@@ -121,11 +149,9 @@ class ElasticUnit(nn.Module):
         return tuple(self.max_specs)
 
     def _source(self, kind: str, name: str) -> tuple[nn.Module, BlockSpec]:
-        donor = _SHARED.get(kind)
-        if donor is not None and donor[0] in self.max_specs and any(
-            name == p.rstrip(".") or name.startswith(p) for p in donor[1]
-        ):
-            return self.full[_key(donor[0])], self.max_specs[donor[0]]
+        donor = _donor(kind, name, self.max_specs)
+        if donor is not None:
+            return self.full[_key(donor)], self.max_specs[donor]
         return self.full[_key(kind)], self.max_specs[kind]
 
     def state_for(self, spec: BlockSpec) -> dict[str, torch.Tensor]:
@@ -137,7 +163,7 @@ class ElasticUnit(nn.Module):
         for name, t in _tensors(template):
             module, max_spec = self._source(spec.kind, name)
             full = _get(module, name)
-            slicer = _SLICERS.get((spec.kind, name))
+            slicer = _slicer(spec.kind, name)
             state[name] = slicer(full, t.shape, spec, max_spec) if slicer else _prefix(full, t.shape)
         return state
 
@@ -197,8 +223,11 @@ class Supernet(nn.Module):
 
     Args:
         space: the search space; its largest config sets the stored weight sizes.
+        setup: the lowering setup (input size, classes, channels, distillation head); or
+            give its fields as keywords:
         num_classes: classifier outputs.
-        resolution: input side in pixels (attention-bias tables depend on it).
+        resolution: input side in pixels, or ``(height, width)`` (attention-bias tables
+            depend on it).
         in_chans: input channels.
         distillation: add ``head_dist``; ``None`` takes the family default.
 
@@ -214,14 +243,22 @@ class Supernet(nn.Module):
     True
     """
 
-    def __init__(self, space: SearchSpace, *, num_classes: int, resolution: int, in_chans: int = 3,
+    def __init__(self, space: SearchSpace, setup: LoweringSetup | None = None, *, num_classes: int | None = None,
+                 resolution: int | tuple[int, int] | None = None, in_chans: int | None = None,
                  distillation: bool | None = None) -> None:
         super().__init__()
         if space.family not in SUPPORTED_FAMILIES:
             raise SpaceError(f"supernets exist for families {list(SUPPORTED_FAMILIES)}, not {space.family!r}")
         self.space = space
-        self.num_classes, self.resolution, self.in_chans = num_classes, resolution, in_chans
-        self.distillation = distillation
+        self.setup = resolve_setup(get_family(space.family), setup, num_classes=num_classes, resolution=resolution,
+                                   in_chans=in_chans, distillation=distillation)
+        if self.setup.task != "classify":
+            raise SpaceError("a supernet trains classifiers: its setup's task must be 'classify'")
+        self.num_classes, self.in_chans = self.setup.num_classes, self.setup.in_chans
+        self.hw = self.setup.resolution
+        #: the input side for a square input (as an int), else ``(height, width)``
+        self.resolution: int | tuple[int, int] = self.hw[0] if self.hw[0] == self.hw[1] else self.hw
+        self.distillation = self.setup.distillation
         self._templates = _TemplateCache()
         self._lowered: OrderedDict[str, tuple[BlockSpec, ...]] = OrderedDict()
         self._valid: set[str] = set()
@@ -234,13 +271,28 @@ class Supernet(nn.Module):
     # ------------------------------------------------------------------ structure
     @staticmethod
     def unit_names(arch: ArchConfig) -> list[str]:
-        """Supernet positions used by ``arch``, in the order of its lowered specs."""
-        names = ["stem"]
-        for si, st in enumerate(arch.stages):
-            if si > 0:
-                names.append(f"down{si}")
-            names += [f"s{si}b{j}" for j in range(st.depth)]
-        return names + ["head"]
+        """Supernet positions used by ``arch``, in the order of its lowered specs.
+
+        Positions come from the lowering (``spec.stage``, ``spec.slot``), which does not depend
+        on the input size; any valid size gives the same names.
+        """
+        return [unit_name(spec) for spec in lower(arch)]
+
+    def units_for(self, arch: ArchConfig) -> list[tuple[ElasticUnit, BlockSpec]]:
+        """``(unit, spec)`` for every block of ``arch``, in forward order.
+
+        Raises:
+            SpaceError: a block sits at a position this supernet lacks (the architecture does
+                not fit the space the supernet was built for).
+        """
+        pairs = []
+        for spec in self.lower(arch):
+            name = unit_name(spec)
+            if name not in self.units:
+                raise SpaceError(f"block {spec.key!r} sits at position {name!r} (stage {spec.stage}, slot "
+                                 f"{spec.slot}), which this supernet does not have; its space is {self.space.name!r}")
+            pairs.append((self.units[name], spec))
+        return pairs
 
     def _max_specs(self) -> dict[str, list[BlockSpec]]:
         """For every position, the largest spec of each kind that can sit there."""
@@ -257,17 +309,16 @@ class Supernet(nn.Module):
                                        space.head_widths, space.head_dim))
         out: dict[str, dict[str, BlockSpec]] = {}
         for arch in variants:
-            for name, spec in zip(self.unit_names(arch), self.lower(arch)):
-                out.setdefault(name, {}).setdefault(spec.kind, spec)
+            for spec in self.lower(arch):
+                out.setdefault(unit_name(spec), {}).setdefault(spec.kind, spec)
         return {name: list(kinds.values()) for name, kinds in out.items()}
 
     def lower(self, arch: ArchConfig) -> tuple[BlockSpec, ...]:
-        """The block specs of ``arch`` at this supernet's resolution and classes (cached)."""
+        """The block specs of ``arch`` at this supernet's setup (cached)."""
         key = arch.canonical_json()
         specs = self._lowered.get(key)
         if specs is None:
-            specs = lower(arch, resolution=self.resolution, num_classes=self.num_classes,
-                          in_chans=self.in_chans, distillation=self.distillation)
+            specs = lower(arch, self.setup)
             self._lowered[key] = specs
             if len(self._lowered) > 4096:
                 self._lowered.popitem(last=False)
@@ -293,8 +344,8 @@ class Supernet(nn.Module):
     def forward(self, x: torch.Tensor, arch: ArchConfig | None = None) -> torch.Tensor:
         """Logits ``(B, num_classes)`` of ``arch`` (default: the active config) for ``x`` ``(B, C, H, W)``."""
         arch = self.active if arch is None else self._checked(arch)
-        for name, spec in zip(self.unit_names(arch), self.lower(arch)):
-            x = self.units[name](x, spec)
+        for unit, spec in self.units_for(arch):
+            x = unit(x, spec)
         return x
 
     def get_active_subnet(self, arch: ArchConfig | None = None) -> StaticNet:
@@ -302,9 +353,9 @@ class Supernet(nn.Module):
         arch = self.space.check(self.active if arch is None else arch)
         specs = self.lower(arch)
         with torch.device("meta"):
-            net = StaticNet(arch, specs, resolution=self.resolution)
+            net = StaticNet(arch, specs, resolution=self.hw)
         device = next(self.parameters()).device
-        blocks = [self.units[name].export(spec) for name, spec in zip(self.unit_names(arch), specs)]
+        blocks = [unit.export(spec) for unit, spec in self.units_for(arch)]
         net.blocks = nn.ModuleList(blocks).to(device)
         return net.train(self.training)
 

@@ -259,7 +259,7 @@ def test_fast_path_matches_lowering(name: str, resolution: int) -> None:
     assert fast == pytest.approx(exact, rel=1e-9)
     from latency.predict import _compiled
 
-    assert _compiled(lut).fast_ok and _compiled(lut).fast_answers > 300
+    assert _compiled(lut).size < 5000  # figures are cached per unit, not per architecture
 
 
 # --------------------------------------------------------------------------- prior
