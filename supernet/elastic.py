@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,7 @@ from search_spaces.kinds import get_kind
 from search_spaces.lowering import get_family, resolve_setup
 
 from .blocks import build_block
-from .model import StaticNet, init_weights
+from .model import StaticNet, feature_info, init_weights, tokens_to_map
 
 __all__ = ["ElasticUnit", "Supernet", "SUPPORTED_FAMILIES", "unit_name"]
 
@@ -347,6 +347,29 @@ class Supernet(nn.Module):
         for unit, spec in self.units_for(arch):
             x = unit(x, spec)
         return x
+
+    def forward_features(self, x: torch.Tensor, arch: ArchConfig | None = None,
+                         out_indices: Sequence[int] = (0, 1, 2, 3)) -> list[torch.Tensor]:
+        """The output map ``(B, C, H, W)`` of each requested body stage of ``arch`` (default: active).
+
+        The same maps, in the same order, as ``get_active_subnet(arch).forward_features(x, out_indices)``.
+        """
+        arch = self.active if arch is None else self._checked(arch)
+        pairs = self.units_for(arch)
+        infos = feature_info([spec for _, spec in pairs])
+        n = len(infos)
+        bad = [i for i in out_indices if not -n <= i < n]
+        if bad or not out_indices:
+            raise SpaceError(f"out_indices must be stage indices in [0, {n}), got {list(out_indices)}")
+        wanted = [infos[i % n] for i in out_indices]
+        stops = {f.block: f for f in wanted}
+        out: dict[int, torch.Tensor] = {}
+        for i, (unit, spec) in enumerate(pairs[: max(stops) + 1]):
+            x = unit(x, spec)
+            if i in stops:
+                info = stops[i]
+                out[info.index] = tokens_to_map(x, info.hw) if x.dim() == 3 else x
+        return [out[f.index] for f in wanted]
 
     def get_active_subnet(self, arch: ArchConfig | None = None) -> StaticNet:
         """A standalone static model of ``arch`` (default: active) with the supernet's weights copied in."""
