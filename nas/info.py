@@ -11,7 +11,7 @@ from search_spaces import (
 from search_spaces.errors import NasUserError
 from search_spaces.subnet_file import SubnetFile
 
-__all__ = ["resolve_target", "describe", "format_table", "lut_latencies"]
+__all__ = ["resolve_target", "describe", "format_table", "lut_latencies", "pretrained_report"]
 
 
 def resolve_target(target: str, *, resolution: int | None = None, num_classes: int | None = None,
@@ -119,6 +119,17 @@ def describe(name: str, sub: SubnetFile, *, luts: list[Path] | None = None, stri
     }
 
 
+def pretrained_report(sub: SubnetFile, path: str | Path) -> dict[str, Any]:
+    """Build ``sub``'s model, load the checkpoint at ``path`` into it, and return the load report (a dict)."""
+    from supernet import build_model
+    from supernet.pretrained import load_pretrained
+
+    model = build_model(sub.arch, num_classes=sub.num_classes, resolution=sub.resolution, in_chans=sub.in_chans,
+                        distillation=sub.distillation)
+    report = load_pretrained(model, path)
+    return {"summary": report.summary(), **report.to_dict()}
+
+
 def format_table(info: dict[str, Any]) -> str:
     """Human-readable block table."""
     lines = [
@@ -142,4 +153,6 @@ def format_table(info: dict[str, Any]) -> str:
             lines.append(f"  latency from {v['lut']}: not available ({v['error']})")
     for key, value in info.get("metrics", {}).items():
         lines.append(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    if "pretrained" in info:
+        lines.append(f"  pretrained: {info['pretrained']['summary']}")
     return "\n".join(lines)

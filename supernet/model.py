@@ -5,6 +5,9 @@ supernet's :meth:`get_active_subnet` returns this same class with copied weights
 """
 from __future__ import annotations
 
+import os
+from typing import Mapping
+
 import torch
 import torch.nn as nn
 
@@ -67,6 +70,7 @@ def build_model(
     resolution: int = 224,
     in_chans: int = 3,
     distillation: bool | None = None,
+    pretrained: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None = None,
 ) -> StaticNet:
     """Build the static model of ``arch``.
 
@@ -76,6 +80,8 @@ def build_model(
         resolution: input side in pixels (attention-bias tables depend on it).
         in_chans: input channels.
         distillation: add ``head_dist``; ``None`` takes the family default.
+        pretrained: a checkpoint file (timm, snap, mit or our own layout) or state dict to load,
+            see :func:`supernet.pretrained.load_pretrained`; ``None`` keeps the fresh initialisation.
 
     >>> from search_spaces import get_preset
     >>> model = build_model(get_preset("efficientformerv2_s0"))
@@ -85,4 +91,8 @@ def build_model(
     specs = lower(arch, resolution=resolution, num_classes=num_classes, in_chans=in_chans, distillation=distillation)
     model = StaticNet(arch, specs, resolution=resolution)
     init_weights(model)
+    if pretrained is not None:
+        from .pretrained import load_pretrained  # late import: pretrained.py builds on this module
+
+        load_pretrained(model, pretrained)
     return model
