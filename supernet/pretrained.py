@@ -12,7 +12,9 @@ the key names, or given as ``layout=``):
 
 Each key is mapped by name (tables in :mod:`supernet._layouts_names`) and its shape is checked.
 A checkpoint that does not fit raises :class:`~search_spaces.errors.FileFormatError` naming the
-first key that does not fit. Keys that may be missing or extra, and nothing else:
+first key that does not fit (a wrong shape first, in the model's order; then a checkpoint key with
+no place in the model; then a missing key) and, when one fits, the preset the checkpoint is for.
+Keys that may be missing or extra, and nothing else:
 
 * ``*.attention_bias_idxs`` next to a bias table the model loads (timm V1 and snap store these
   index buffers; they are derived, so they are only used to check, and if needed convert, the
@@ -122,9 +124,11 @@ class LoadReport:
         total: persistent tensors of the model.
         resized: attention-bias tables interpolated, ``"key: 7x7 -> 8x8"``.
         reinitialised: classifier tensors re-initialised (another number of classes).
+        checkpoint_classes: classes of the checkpoint's classifier (``None``: it has none).
         head_dist_in_checkpoint: the checkpoint has a distillation head.
         kept: model tensors the checkpoint lacks, left as they were (``num_batches_tracked``, ``head_dist``).
-        ignored: checkpoint keys skipped as derived index buffers.
+        ignored: checkpoint keys not loaded: stored index buffers (derived), and the distillation
+            head of a classifier that is re-initialised anyway.
     """
 
     source: str
@@ -133,6 +137,7 @@ class LoadReport:
     total: int
     resized: tuple[str, ...] = ()
     reinitialised: tuple[str, ...] = ()
+    checkpoint_classes: int | None = None
     head_dist_in_checkpoint: bool = False
     kept: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
@@ -143,7 +148,8 @@ class LoadReport:
         if self.resized:
             parts.append(f"resized {len(self.resized)} attention-bias tables ({self.resized[0].split(': ')[1]})")
         if self.reinitialised:
-            parts.append(f"re-initialised the classifier ({', '.join(self.reinitialised)})")
+            parts.append(f"re-initialised the classifier ({self.checkpoint_classes} classes in the checkpoint; "
+                         f"{', '.join(self.reinitialised)})")
         if any(".head_dist." in k for k in self.kept):
             parts.append("no head_dist in the checkpoint (kept its initialisation)")
         return "; ".join(parts)
@@ -186,9 +192,9 @@ def load_pretrained(model: StaticNet, source: Source, *, layout: str | None = No
             else:
                 nn.init.zeros_(t)
     if report.reinitialised:
-        logger.warning("%s: the checkpoint's classifier has another number of classes than the model (%d): "
-                       "re-initialised %s (trunc-normal weights, std 0.02; zero biases)", label, model.num_classes,
-                       ", ".join(report.reinitialised))
+        logger.warning("%s: the checkpoint's classifier has %s classes and the model's %d: re-initialised %s "
+                       "(trunc-normal weights, std 0.02; zero biases)", label, report.checkpoint_classes,
+                       model.num_classes, ", ".join(report.reinitialised))
     if any(".head_dist." in k for k in report.kept):
         logger.warning("%s: no head_dist in the checkpoint; the model's head_dist keeps its initialisation, so "
                        "(head + head_dist) / 2 is not the checkpoint's output: build with distillation=False", label)
@@ -273,6 +279,7 @@ def _plan(model: StaticNet, sd: dict[str, torch.Tensor], names: _Names, label: s
     report = LoadReport(
         source=label, layout=layout, loaded=len(values), total=len(target), resized=tuple(resized),
         reinitialised=tuple(k for k in target if reinit and k in classifier),
+        checkpoint_classes=int(sd[head_w].shape[0]) if head_w in sd and sd[head_w].ndim == 2 else None,
         head_dist_in_checkpoint=any(k in sd for k in dist_names), kept=tuple(kept), ignored=tuple(ignored))
     return values, report
 
@@ -311,7 +318,7 @@ def _guess_preset(model: StaticNet, sd: dict[str, torch.Tensor], layout: str) ->
             cand = StaticNet(arch, specs, resolution=model.resolution)
         names = _names(cand, layout)
         flexible = set(_classifier_keys(cand))
-        rigid, loose = {}, set(names.derived)
+        rigid, loose = {}, set(names.derived) | _their_head_dist_names(cand, layout)
         for key, t in cand.state_dict().items():
             if key in flexible or key.endswith((_BIAS, "num_batches_tracked")) or ".head_dist." in key:
                 loose.add(names.theirs[key])
