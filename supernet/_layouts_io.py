@@ -47,17 +47,25 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FileFormatError(
-                f"checkpoint {str(path)!r} was refused: it holds Python objects other than tensors and plain "
-                f"containers, and only weights-only loading is allowed ({first}); save a plain state_dict or "
-                f"a .safetensors file instead") from None
+                f"checkpoint {str(path)!r} was refused: weights-only loading accepts tensors and plain containers, "
+                f"and this file holds something else ({_unpickler_reason(exc)}); save a plain state_dict or a "
+                f".safetensors file instead") from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise FileFormatError(f"checkpoint {str(path)!r} is not a readable torch file ({exc})") from None
     else:
         raise FileFormatError(f"checkpoint {str(path)!r}: unknown file type {suffix!r}; expected .safetensors, "
                               f"or a torch file ({', '.join(TORCH_SUFFIXES)}) that is read weights-only")
     return unwrap(obj, str(path))
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The one line of torch's weights-only refusal that names what was refused (not its advice)."""
+    text = str(exc)
+    _, _, tail = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    return reason.split(" was not an allowed global")[0]
 
 
 def unwrap(obj: Any, label: str) -> dict[str, torch.Tensor]:

@@ -85,7 +85,7 @@ def _names(model: StaticNet, layout: str) -> _Names:
                                f"use layout='native'")
         kinds.append((kn, kn.prefix.format(**fields[i])))
     theirs: dict[str, str] = {}
-    c11 = set()
+    c11: set[str] = set()
     for key in model.state_dict():
         _, idx, rest = key.split(".", 2)
         kn, prefix = kinds[int(idx)]
@@ -234,7 +234,8 @@ def _plan(model: StaticNet, sd: dict[str, torch.Tensor], names: _Names, label: s
     dist_names = _their_head_dist_names(model, layout)
     values: dict[str, torch.Tensor] = {}
     problems: list[tuple[tuple[int, int], str]] = []  # (rank, message)
-    resized, ignored = [], []
+    resized: list[str] = []
+    ignored: list[str] = []
     for key, value in sd.items():
         our = ours_of.get(key)
         if our is None and key.endswith("." + _IDX) and ours_of.get(key[: -len(_IDX)] + _BIAS):
@@ -318,7 +319,8 @@ def _guess_preset(model: StaticNet, sd: dict[str, torch.Tensor], layout: str) ->
             cand = StaticNet(arch, specs, resolution=model.resolution)
         names = _names(cand, layout)
         flexible = set(_classifier_keys(cand))
-        rigid, loose = {}, set(names.derived) | _their_head_dist_names(cand, layout)
+        rigid: dict[str, tuple[int, ...]] = {}
+        loose = set(names.derived) | _their_head_dist_names(cand, layout)
         for key, t in cand.state_dict().items():
             if key in flexible or key.endswith((_BIAS, "num_batches_tracked")) or ".head_dist." in key:
                 loose.add(names.theirs[key])
