@@ -10,7 +10,7 @@ from typing import Sequence
 from search_spaces import TASKS, count_macs, count_params, format_resolution, get_preset, list_presets, lower
 
 from ._cli import NasArgumentParser, run_cli
-from .info import describe, format_table, resolve_target
+from .info import describe, format_table, pretrained_report, resolve_target
 
 EPILOG = """examples:
   nas-info efficientformerv2_s0             block table of a preset at 224
@@ -20,6 +20,7 @@ EPILOG = """examples:
   nas-info efficientformerv2_s0 --resolution 512x1024 --task backbone   as a detection backbone
   nas-info --list                           every preset with its exact parameter count
   nas-info subnet.json --lut lut-iphone12-224.json   + latency from a LUT (predicted ones are labelled)
+  nas-info efficientformerv2_s0 --pretrained efficientformerv2_s0.safetensors   load published weights
 """
 
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-chans", type=int, help="input channels (default: 3 or the file's)")
     p.add_argument("--lut", action="append", default=[],
                    help="LUT file for a latency figure, repeatable (default: lut-*-<resolution>.json here)")
+    p.add_argument("--pretrained", metavar="PATH",
+                   help="load a checkpoint (timm, snap-research or mit-han-lab layout; .safetensors, or .pth/.pt "
+                        "read weights-only) into the model and report what loaded")
     return p
 
 
@@ -59,6 +63,8 @@ def _body(args: argparse.Namespace) -> int:
                                in_chans=args.in_chans, task=args.task)
     luts = [Path(p) for p in args.lut] or sorted(Path(".").glob(f"lut-*-{format_resolution(sub.hw)}.json"))
     info = describe(name, sub, luts=luts, strict=bool(args.lut))  # a LUT the user named must work
+    if args.pretrained:
+        info["pretrained"] = pretrained_report(sub, args.pretrained)
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0
 

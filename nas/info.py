@@ -15,7 +15,7 @@ from search_spaces.kinds import get_kind
 from search_spaces.errors import NasUserError
 from search_spaces.subnet_file import SubnetFile
 
-__all__ = ["resolve_target", "describe", "format_table", "lut_latencies"]
+__all__ = ["resolve_target", "describe", "format_table", "lut_latencies", "pretrained_report"]
 
 
 def resolve_target(target: str, *, resolution: int | str | tuple[int, int] | None = None,
@@ -123,6 +123,16 @@ def describe(name: str, sub: SubnetFile, *, luts: list[Path] | None = None, stri
     }
 
 
+def pretrained_report(sub: SubnetFile, path: str | Path) -> dict[str, Any]:
+    """Build ``sub``'s model, load the checkpoint at ``path`` into it, and return the load report (a dict)."""
+    from supernet import build_model
+    from supernet.pretrained import load_pretrained
+
+    model = build_model(sub.arch, sub.setup)
+    report = load_pretrained(model, path)
+    return {"summary": report.summary(), **report.to_dict()}
+
+
 def _res_text(value: int | list[int]) -> str:
     return str(value) if isinstance(value, int) else "x".join(str(v) for v in value)
 
@@ -151,4 +161,6 @@ def format_table(info: dict[str, Any]) -> str:
             lines.append(f"  latency from {v['lut']}: not available ({v['error']})")
     for key, value in info.get("metrics", {}).items():
         lines.append(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    if "pretrained" in info:
+        lines.append(f"  pretrained: {info['pretrained']['summary']}")
     return "\n".join(lines)

@@ -4,10 +4,12 @@ from __future__ import annotations
 from .blocks import build_block
 from .bn import evaluate, recalibrate_bn
 from .elastic import Supernet
-from .model import StaticNet, build_model, init_weights
+from .model import FeatureInfo, StaticNet, build_model, init_weights
+from .pretrained import LoadReport, export_state_dict, init_supernet_from, load_pretrained
 from .run import SupernetRun, find_latest_run, load_run, load_supernet
 
 __all__ = [
-    "StaticNet", "Supernet", "SupernetRun", "build_block", "build_model", "evaluate", "find_latest_run",
-    "init_weights", "load_run", "load_supernet", "recalibrate_bn",
+    "FeatureInfo", "LoadReport", "StaticNet", "Supernet", "SupernetRun", "build_block", "build_model", "evaluate",
+    "export_state_dict", "find_latest_run", "init_supernet_from", "init_weights", "load_pretrained", "load_run",
+    "load_supernet", "recalibrate_bn",
 ]

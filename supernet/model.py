@@ -12,8 +12,9 @@ and reduction (input pixels per output pixel).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -169,7 +170,7 @@ def build_model(
     distillation: bool | None = None,
     features_only: bool = False,
     out_indices: Sequence[int] | None = None,
-    pretrained: str | os.PathLike[str] | None = None,
+    pretrained: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None = None,
 ) -> StaticNet:
     """Build the static model of ``arch``.
 
@@ -185,7 +186,8 @@ def build_model(
         features_only: a backbone without the classifier head; ``forward`` returns one map per
             index of ``out_indices``.
         out_indices: the stages a backbone returns (default: all four).
-        pretrained: a checkpoint to load (see :mod:`supernet.pretrained`).
+        pretrained: a checkpoint file (timm, snap, mit or our own layout) or state dict to load,
+            see :func:`supernet.pretrained.load_pretrained`; ``None`` keeps the fresh initialisation.
 
     >>> from search_spaces import get_preset
     >>> model = build_model(get_preset("efficientformerv2_s0"))
@@ -203,7 +205,7 @@ def build_model(
     model = StaticNet(arch, specs, resolution=setup.resolution, out_indices=out_indices)
     init_weights(model)
     if pretrained is not None:
-        from .pretrained import load_pretrained
+        from .pretrained import load_pretrained  # late import: pretrained.py builds on this module
 
         load_pretrained(model, pretrained)
     return model
