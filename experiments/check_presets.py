@@ -1,7 +1,7 @@
 """Check every preset end to end: exact parameters, forward, ONNX parity and CoreML conversion.
 
 For each of the 11 presets: build the static model, compare its parameter count with the
-published table (DESIGN.md section 3; it holds at 224 px with 1000 classes), time a batch-1
+published table (docs/design.md, "Presets"; it holds at 224 px with 1000 classes), time a batch-1
 eval forward (median and IQR over ``--repeats`` runs after a warm-up), export ONNX with the
 TorchScript exporter and compare ONNX Runtime's output with torch's, and convert to a CoreML
 ``mlprogram`` (iOS16 target, FP16 compute). Prints the environment, one row per preset and a

@@ -257,7 +257,7 @@ def efficientformer_v2_space() -> SearchSpace:
 def efficientformer_v2_demo_space() -> SearchSpace:
     """A small V2-shaped space for the CPU demo on 32x32 Fashion-MNIST (stem stride 2).
 
-    Its largest config is about the size of the feasibility probe in DESIGN.md section 8
+    Its largest config is about the size of the CPU feasibility probe in docs/design.md ("Measured facts")
     (widths 16-64, 0.6M parameters), so a sandwich-rule supernet trains in minutes on 2 cores.
     """
     e = (2, 3, 4)

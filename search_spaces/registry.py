@@ -66,7 +66,7 @@ def get_preset(name: str) -> ArchConfig:
 
 
 #: The published parameter counts, exact ``sum(p.numel())`` of the reference models at 224 px with
-#: 1000 classes (DESIGN.md section 3): what every preset must reproduce.
+#: 1000 classes (docs/design.md, "Presets"): what every preset must reproduce.
 PUBLISHED_PARAMS = {
     "efficientformer_l1": 12_289_928,
     "efficientformer_l3": 31_406_000,
