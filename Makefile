@@ -8,8 +8,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+# $(call apt_install,PACKAGE): install a Debian package; apt-get update only when the plain install fails
+apt_install = $(APT_GET) install -y $(1) || { $(APT_GET) update && $(APT_GET) install -y $(1); }
+# PostgreSQL's server programs (Debian keeps them off PATH); the tests start a throwaway server
+PG_INITDB := /usr/lib/postgresql/*/bin/initdb
 
-.PHONY: demo test bench dataset install clean
+.PHONY: demo test bench dataset postgresql install clean
 
 install: $(STAMP)
 
@@ -23,10 +28,17 @@ $(STAMP): pyproject.toml
 dataset:
 	@if [ ! -d $(FMNIST_DIR) ]; then \
 		echo "Fashion-MNIST is missing: installing the Debian package dataset-fashion-mnist"; \
-		$(SUDO) apt-get install -y dataset-fashion-mnist || { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }; \
+		$(call apt_install,dataset-fashion-mnist); \
 	fi
 
-test: install dataset
+postgresql:
+	@if ! ls $(PG_INITDB) >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
+		echo "PostgreSQL is missing: installing the Debian package postgresql"; \
+		$(call apt_install,postgresql); \
+		ls $(PG_INITDB) >/dev/null 2>&1 || { echo "apt-get installed postgresql but no $(PG_INITDB) exists"; exit 1; }; \
+	fi
+
+test: install dataset postgresql
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 demo: install dataset

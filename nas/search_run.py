@@ -220,11 +220,29 @@ def _storage(url: str) -> Any:
             with open(db.with_name(db.name + ".lock"), "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        if url.startswith(("postgresql://", "postgres://")):  # psycopg 3, whatever SQLAlchemy's default driver
+            return _postgres_storage("postgresql+psycopg://" + url.split("://", 1)[1])
+        if url.startswith("postgresql+"):
+            return _postgres_storage(url)
         return optuna.storages.get_storage(url)
     except Exception as exc:  # noqa: BLE001 - sqlalchemy and the drivers raise many kinds
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise NasUserError(f"--storage {url!r} cannot be opened ({first}); give an optuna storage URL such as "
                            f"sqlite:///study.db or postgresql://user:password@host/db") from None
+
+
+def _postgres_storage(url: str) -> Any:
+    """Workers that start together on a fresh database race to create optuna's schema: one at a time."""
+    import optuna
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as conn:  # the lock is held until this transaction ends
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(7234010511)"))
+            return optuna.storages.RDBStorage(url)
+    finally:
+        engine.dispose()
 
 
 def _budgets_text(b: Budgets) -> str:
