@@ -30,6 +30,7 @@ from search_spaces.lowering import get_family, resolve_setup
 
 from .blocks import build_block
 from .model import StaticNet, feature_info, init_weights, tokens_to_map
+from .optim import mark_used
 
 __all__ = ["ElasticUnit", "Supernet", "SUPPORTED_FAMILIES", "unit_name"]
 
@@ -43,7 +44,9 @@ class _SliceWithGrad(torch.autograd.Function):
 
     Autograd's own slice backward materialises a zero tensor of the full size for every sliced
     weight and then adds it to ``.grad``; on small CPU workloads that doubled the supernet's
-    overhead. Gradients land in ``.grad`` exactly as with plain slicing (``None`` until first use).
+    overhead. Gradients land in ``.grad`` exactly as with plain slicing (``None`` until first use),
+    and the slice is recorded as used (:func:`supernet.optim.mark_used`), so that
+    :class:`~supernet.optim.SharedAdamW` steps and zeroes only that region.
     """
 
     @staticmethod
@@ -58,6 +61,7 @@ class _SliceWithGrad(torch.autograd.Function):
             if full.grad is None:
                 full.grad = torch.zeros_like(full)
             full.grad[ctx.index].add_(grad)
+        mark_used(full, grad.shape)
         return None, None
 
 

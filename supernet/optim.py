@@ -1,0 +1,127 @@
+"""AdamW for shared weights: each step updates only the part of a tensor that the step used.
+
+A supernet keeps full-size tensors (the widest width of every slot) and a subnet uses a
+leading slice of each. With a plain optimizer every used tensor is updated whole: a step of an
+S0-sized subnet inside the default V2 supernet pays the optimizer for all of the shared
+weights it touches, and the untouched part is still decayed and moved by stale momentum.
+
+:class:`SharedAdamW` steps only the **used region** of each tensor: the leading box that the
+step's slices covered (the supernet's sliced weights mark it in their backward pass; a tensor
+used whole, through plain autograd, is marked whole). Inside the region the update is exactly
+AdamW's (decoupled weight decay, bias-corrected moments); outside it nothing changes, as for a
+parameter that received no gradient. In sandwich training the largest subnet uses every
+tensor of its slots in full, so the region is the whole tensor and the step is plain AdamW.
+
+Gradients stay allocated between steps and :meth:`SharedAdamW.zero_grad` zeroes only the
+regions used since the last call, so a step does not re-allocate and clear full-size gradients.
+State dicts have AdamW's layout (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["SharedAdamW", "mark_used", "used_region"]
+
+_REGION = "_nas_used_region"
+
+
+def mark_used(param: torch.Tensor, shape: tuple[int, ...] | torch.Size | None = None) -> None:
+    """Record that the current step used ``param[:shape[0], :shape[1], ...]`` (``None``: all of it)."""
+    full = tuple(param.shape)
+    new = full if shape is None else tuple(shape)
+    old = getattr(param, _REGION, None)
+    if old is not None:
+        new = tuple(max(a, b) for a, b in zip(old, new))
+    setattr(param, _REGION, new)
+
+
+def used_region(param: torch.Tensor) -> tuple[int, ...] | None:
+    """The leading box of ``param`` used since the last :meth:`SharedAdamW.zero_grad`, or None."""
+    return getattr(param, _REGION, None)
+
+
+def _box(region: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(0, n) for n in region)
+
+
+class SharedAdamW(torch.optim.Optimizer):
+    """AdamW over the used regions of shared tensors (see the module docstring).
+
+    Args:
+        params: parameters or parameter groups, as for :class:`torch.optim.AdamW`.
+        lr: learning rate.
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator.
+        weight_decay: decoupled weight decay.
+
+    Raises:
+        ValueError: a value out of range (the message names it).
+    """
+
+    def __init__(self, params: Iterable[Any], *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"`lr` must be a finite number >= 0, got {lr!r}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"`betas` must be within [0, 1), got {betas!r}")
+        if not (math.isfinite(eps) and eps >= 0) or not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"`eps` and `weight_decay` must be finite numbers >= 0, got {eps!r} and {weight_decay!r}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:  # plain autograd accumulation means the whole tensor was used
+                    p.register_post_accumulate_grad_hook(mark_used)
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool | None = None) -> None:  # type: ignore[override]
+        """Zero the gradients' used regions (``set_to_none=True``: drop the gradients instead)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                region = used_region(p)
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None and region is not None:
+                    p.grad[_box(region)].zero_()
+                if region is not None:
+                    delattr(p, _REGION)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One AdamW update of every parameter's used region."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params, grads, avgs, sqs, corrections = [], [], [], [], []
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                region = used_region(p)
+                if p.grad is None or region is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                box = _box(region)
+                params.append(p[box])
+                grads.append(p.grad[box])
+                avgs.append(state["exp_avg"][box])
+                sqs.append(state["exp_avg_sq"][box])
+                t = float(state["step"])
+                corrections.append((1 - beta1 ** t, 1 - beta2 ** t))
+            if not params:
+                continue
+            lr, eps = group["lr"], group["eps"]
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            torch._foreach_lerp_(avgs, grads, 1 - beta1)
+            torch._foreach_mul_(sqs, beta2)
+            torch._foreach_addcmul_(sqs, grads, grads, 1 - beta2)
+            denom = torch._foreach_sqrt(sqs)
+            torch._foreach_div_(denom, [math.sqrt(c2) for _, c2 in corrections])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, avgs, denom, [-lr / c1 for c1, _ in corrections])
+        return loss

@@ -1,0 +1,79 @@
+"""SharedAdamW: plain AdamW where a tensor is used whole, nothing outside the used region otherwise."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from search_spaces import get_space
+from supernet import Supernet, build_model
+from supernet.optim import SharedAdamW, used_region
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(4, 1, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+
+
+def test_equals_torch_adamw_on_tensors_used_whole() -> None:
+    torch.manual_seed(0)
+    model = build_model(get_space("efficientformer_v2_demo").largest(), num_classes=10, resolution=32, in_chans=1)
+    twin = copy.deepcopy(model)
+    reference = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, foreach=True)
+    ours = SharedAdamW(twin.parameters(), lr=1e-2, weight_decay=0.05)
+    x, y = _batch()
+    for _ in range(4):
+        for m, opt in ((model, reference), (twin, ours)):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert ours.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
+
+
+def test_a_subnet_step_changes_only_the_used_slices() -> None:
+    space = get_space("efficientformer_v2_demo")
+    net = Supernet(space, num_classes=10, resolution=32, in_chans=1)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = SharedAdamW(net.parameters(), lr=1e-2, weight_decay=0.05)
+    x, y = _batch()
+    opt.zero_grad()
+    F.cross_entropy(net(x, space.smallest()), y).backward()
+    opt.step()
+    used = 0
+    for name, p in net.named_parameters():
+        delta = (p.detach() - before[name]).abs()
+        region = used_region(p)
+        if region is None:
+            assert float(delta.max()) == 0.0, f"{name} changed without being used"
+            continue
+        inside = torch.zeros_like(delta, dtype=torch.bool)
+        inside[tuple(slice(0, k) for k in region)] = True
+        assert not delta[~inside].any(), f"{name} changed outside its used region"
+        used += int(inside.sum())
+    assert 0 < used < sum(p.numel() for p in net.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None or not p.grad.any() for p in net.parameters())
+    assert all(used_region(p) is None for p in net.parameters())
+
+
+def test_sandwich_uses_the_union_of_the_subnets_slices() -> None:
+    space = get_space("efficientformer_v2_demo")
+    net = Supernet(space, num_classes=10, resolution=32, in_chans=1)
+    opt = SharedAdamW(net.parameters(), lr=1e-2)
+    x, y = _batch()
+    opt.zero_grad()
+    for arch in (space.smallest(), space.largest()):
+        F.cross_entropy(net(x, arch), y).backward()
+    stem = net.units["stem"].full["ef2_stem"].conv2.conv.weight
+    assert used_region(stem) == tuple(stem.shape)  # the largest uses the stem whole
+
+
+@pytest.mark.parametrize("kw, name", [({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"),
+                                      ({"eps": float("nan")}, "eps")])
+def test_refuses_bad_values(kw: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        SharedAdamW([torch.nn.Parameter(torch.zeros(2))], **kw)
