@@ -37,7 +37,7 @@ from search_spaces.errors import NasUserError
 from search_spaces.lowering import Carry, get_family
 
 __all__ = ["BlockLatency", "LatencyBreakdown", "predict_latency", "predict_breakdown", "check_covers",
-           "table_setup"]
+           "table_setup", "block_ms"]
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +324,19 @@ def predict_breakdown(arch: ArchConfig, lut: LatencyTable, *,
         predicted=any(b.source != "measured" for b in blocks) or lut.calibration.method == "prior",
         blocks=tuple(blocks),
     )
+
+
+def block_ms(spec: BlockSpec, lut: LatencyTable) -> float:
+    """One block's calibrated milliseconds (what :func:`predict_latency` sums; the offset excluded).
+
+    Raises:
+        NasUserError: the block is missing from the table (see :func:`predict_latency`).
+    """
+    comp = _compiled(lut)
+    value = comp.by_spec.get(spec)
+    if value is None:
+        raise _missing_error(spec, lut, comp, None)
+    return value
 
 
 def check_covers(lut: LatencyTable, specs: Sequence[BlockSpec]) -> None:
