@@ -162,7 +162,25 @@ class Meta3D(nn.Module):
         return x + self.ls2 * self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
-class Ef1Head(nn.Module):
+class _DistilledHead(nn.Module):
+    """``head`` and optional ``head_dist`` on pooled features, as the EfficientFormer recipe trains them.
+
+    At inference the two are averaged. With :attr:`distilled_training` on, a training-mode
+    forward returns ``(head(x), head_dist(x))`` instead, for hard distillation from a teacher
+    (DeiT's recipe: the class head learns the labels, the distillation head the teacher's).
+    """
+
+    distilled_training = False
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.head_dist is None:
+            return self.head(x)
+        if self.distilled_training and self.training:
+            return self.head(x), self.head_dist(x)
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+class Ef1Head(_DistilledHead):
     """LN, mean over tokens, ``(head + head_dist) / 2`` (``ef1.head``)."""
 
     def __init__(self, spec: BlockSpec) -> None:
@@ -172,13 +190,10 @@ class Ef1Head(nn.Module):
         self.head = nn.Linear(spec.cin, spec.num_classes)
         self.head_dist = nn.Linear(spec.cin, spec.num_classes) if spec.distillation else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.flatten:
             x = x.flatten(2).transpose(1, 2)
-        x = self.norm(x).mean(dim=1)
-        if self.head_dist is None:
-            return self.head(x)
-        return (self.head(x) + self.head_dist(x)) / 2
+        return self._heads(self.norm(x).mean(dim=1))
 
 
 # =============================================================================== EfficientFormerV2
@@ -342,7 +357,7 @@ class AttnDownsample(nn.Module):
         return self.proj(self.act(y)) + self.conv(x)
 
 
-class Ef2Head(nn.Module):
+class Ef2Head(_DistilledHead):
     """BN, global average pool, ``(head + head_dist) / 2`` (``ef2.head``)."""
 
     def __init__(self, spec: BlockSpec) -> None:
@@ -351,11 +366,8 @@ class Ef2Head(nn.Module):
         self.head = nn.Linear(spec.cin, spec.num_classes)
         self.head_dist = nn.Linear(spec.cin, spec.num_classes) if spec.distillation else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x).mean(dim=(2, 3))
-        if self.head_dist is None:
-            return self.head(x)
-        return (self.head(x) + self.head_dist(x)) / 2
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self._heads(self.norm(x).mean(dim=(2, 3)))
 
 
 # =============================================================================== EfficientViT

@@ -159,6 +159,18 @@ class StaticNet(nn.Module):
         """Names of parameters to exclude from weight decay (attention-bias tables, layer scales, norms)."""
         return {n for n, p in self.named_parameters() if p.ndim <= 1 or "attention_biases" in n}
 
+    @property
+    def has_dist_head(self) -> bool:
+        """Whether the classifier has a ``head_dist`` (EfficientFormer V1 and V2 by default)."""
+        return self.has_head and getattr(self.blocks[-1], "head_dist", None) is not None
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """In training mode, return ``(head, head_dist)`` logits for hard distillation (see the heads)."""
+        if enable and not self.has_dist_head:
+            raise NasUserError("this model has no head_dist; hard distillation needs one (build it with "
+                               "distillation=True)")
+        self.blocks[-1].distilled_training = bool(enable)
+
 
 def build_model(
     arch: ArchConfig,
