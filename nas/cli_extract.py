@@ -19,6 +19,8 @@ EPILOG = """examples:
   nas-extract subnet.json                       supernet from subnet.json's provenance
   nas-extract subnet.json --finetune-epochs 3 --out model/
   nas-extract runs/search/subnet.json --supernet runs/fmnist --formats safetensors,onnx
+  nas-extract subnet.json --features-only         a backbone for detection or segmentation
+  nas-extract subnet.json --finetune-epochs 2 --teacher runs/extract-largest   hard distillation from a teacher
 """
 
 
@@ -31,16 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-lr", type=positive_float, default=5e-4, help="fine-tuning learning rate (default 5e-4)")
     p.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")
     p.add_argument("--no-measure", action="store_true", help="skip the local-cpu latency measurement")
+    p.add_argument("--features-only", action="store_true",
+                   help="write a backbone without the classifier head: the model returns one feature map per stage "
+                        "(for detection and segmentation); ONNX and CoreML get one output per stage")
+    p.add_argument("--teacher", help="distil from this teacher while fine-tuning (needs --finetune-epochs): an "
+                                     "extracted model folder, or PRESET=WEIGHTS such as efficientformerv2_s0=w.pth")
     return p
 
 
 def _body(args: argparse.Namespace) -> int:
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     r = extract(args.subnet, supernet=args.supernet, out=args.out, finetune_epochs=args.finetune_epochs,
-                finetune_lr=args.finetune_lr, formats=formats, measure=not args.no_measure, notify=announce,
-                progress=announce)
+                finetune_lr=args.finetune_lr, formats=formats, measure=not args.no_measure,
+                features_only=args.features_only, teacher=args.teacher, notify=announce, progress=announce)
     m = r.metrics
-    print(f"extracted model: {r.out}")
+    print(f"extracted model: {r.out}" + (f" ({m['deployed_as']})" if "deployed_as" in m else ""))
     print(f"  params {m['params']:,}; val accuracy {100 * m['val_accuracy_inherited']:.2f}% (inherited)"
           + (f", {100 * m['val_accuracy_finetuned']:.2f}% (fine-tuned)" if "val_accuracy_finetuned" in m else "")
           + f"; test accuracy {100 * m['test_accuracy']:.2f}%")

@@ -2,36 +2,45 @@
 
 The static model is built by :func:`supernet.build_model`'s classes and receives the supernet's
 sliced weights; its output is checked against the supernet's (within 1e-5). BN is recalibrated,
-optionally the model is fine-tuned, and it is exported to ``model.safetensors`` (config in the
-metadata), ``model.onnx`` (checked, ORT within 1e-4 of torch) and ``model.mlpackage``.
-:func:`load_subnet` rebuilds the model from the folder alone.
+optionally the model is fine-tuned (from a teacher, too), and it is exported to
+``model.safetensors`` (config in the metadata), ``model.onnx`` (checked, ORT within 1e-4 of
+torch) and ``model.mlpackage``. :func:`load_subnet` rebuilds the model from the folder alone.
+
+The deployed model follows ``subnet.json``'s setup: a classifier at the supernet's input size,
+or a backbone (``task`` ``backbone``, or ``--features-only``) that returns one feature map per
+stage, at the input size it was searched for. Accuracy is always measured on the classifier at
+the supernet's input size (the proxy the search ranked by); a deployment at another size gets
+the same weights with its attention-bias tables resampled to the new grids.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-import torch.nn.functional as F
 
+from search_spaces import format_resolution
 from search_spaces.errors import FileFormatError, NasUserError
 from search_spaces.fileio import atomic_write_json, atomic_write_text
 from search_spaces.subnet_file import SubnetFile
 
-__all__ = ["ExtractResult", "extract", "load_subnet", "PARITY_ATOL", "ONNX_ATOL"]
+from ._export import export_formats, measure_latencies, model_card
+
+if TYPE_CHECKING:
+    from supernet.data import DatasetSplits
+    from supernet.elastic import Supernet
+    from supernet.model import StaticNet
+    from supernet.run import SupernetRun
+
+__all__ = ["ExtractResult", "extract", "load_subnet", "PARITY_ATOL", "ONNX_ATOL", "FORMATS"]
 
 logger = logging.getLogger(__name__)
 
 PARITY_ATOL = 1e-5
 ONNX_ATOL = 1e-4
 FORMATS = ("safetensors", "onnx", "coreml")
-MEASURE_ROUNDS = 3
 
 
 @dataclass
@@ -41,7 +50,7 @@ class ExtractResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _resolve_run(sub: SubnetFile, supernet: str | None, say: Callable[[str], None]) -> Any:
+def _resolve_run(sub: SubnetFile, supernet: str | None, say: Callable[[str], None]) -> SupernetRun:
     from supernet.run import load_run
 
     prov = sub.provenance
@@ -58,75 +67,28 @@ def _resolve_run(sub: SubnetFile, supernet: str | None, say: Callable[[str], Non
     reason = run.space.why_not(sub.arch)
     if reason is not None:
         raise NasUserError(f"subnet.json is not a config of the supernet's space {run.space.name!r}: {reason}")
-    for name in ("resolution", "num_classes", "in_chans"):
+    for name in ("num_classes", "in_chans"):
         if getattr(sub, name) != getattr(run, name):
             raise NasUserError(f"subnet.json {name} {getattr(sub, name)} differs from the supernet's "
                                f"{getattr(run, name)}")
     return run
 
 
-def _finetune(model: torch.nn.Module, splits: Any, *, epochs: int, lr: float, seed: int,
-              progress: Callable[[str], None] | None) -> None:
-    from supernet.data import make_loader
-    from supernet.train import lr_at
-
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    spe = make_loader(splits.train, batch_size=128, shuffle=True, seed=seed).batches_per_epoch
-    total = epochs * spe
-    step = 0
-    for epoch in range(epochs):
-        model.train()
-        t0, loss_sum = time.perf_counter(), 0.0
-        for x, y in make_loader(splits.train, batch_size=128, shuffle=True, seed=seed + 1000, epoch=epoch,
-                                augment=True):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total=total, warmup=spe // 4, lr=lr, min_lr=lr / 100)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach())
-            step += 1
-        msg = f"fine-tune epoch {epoch + 1}/{epochs}: loss {loss_sum / spe:.4f} ({time.perf_counter() - t0:.0f} s)"
-        logger.info(msg)
-        if progress is not None:
-            progress(msg)
-
-
-def extract(subnet_path: str | Path, *, supernet: str | None = None, out: str | Path | None = None,
-            finetune_epochs: int = 0, finetune_lr: float = 5e-4, formats: tuple[str, ...] = FORMATS,
-            measure: bool = True, notify: Callable[[str], None] | None = None,
-            progress: Callable[[str], None] | None = None) -> ExtractResult:
-    """Extract, check, optionally fine-tune, export and measure the subnet of ``subnet_path``.
-
-    Raises:
-        NasUserError: bad subnet.json, missing or mismatched supernet, bad formats.
-        RuntimeError: a parity check failed (a bug, never a user mistake).
-    """
-    from supernet.bn import evaluate, recalibrate_bn
-    from supernet.data import calibration_batches, make_loader
-    from supernet.run import load_supernet
-
-    from .accuracy import load_run_splits
-
-    say = notify or logger.info
+def _check_options(formats: tuple[str, ...], finetune_epochs: int, teacher: str | None) -> None:
     bad = sorted(set(formats) - set(FORMATS))
     if bad or not formats:
         raise NasUserError(f"--formats must be a comma list of {list(FORMATS)}, got {list(formats)}")
     if finetune_epochs < 0:
         raise NasUserError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
-    sub = SubnetFile.load(subnet_path)
-    run = _resolve_run(sub, supernet, say)
-    out = Path(out) if out is not None else Path("runs") / f"extract-{sub.arch.hash}"
-    if notify is not None and out == Path("runs") / f"extract-{sub.arch.hash}":
-        say(f"nas-extract: writing the model to {out} (set --out to choose)")
-    net = load_supernet(run)
-    splits = load_run_splits(run)
-    calib = calibration_batches(splits.train, batch_size=128,
-                                num_batches=max(1, min(16, len(splits.train) // 128)), seed=0)
+    if teacher is not None and not finetune_epochs:
+        raise NasUserError("--teacher distils during fine-tuning: give --finetune-epochs N as well")
+
+
+def _extract_checked(net: Supernet, sub: SubnetFile, calib: list[torch.Tensor], metrics: dict[str, Any],
+                     say: Callable[[str], None]) -> StaticNet:
+    """The subnet's static model with the supernet's weights, its output checked against the supernet's."""
     model = net.get_active_subnet(sub.arch).eval()
-    metrics: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
+    metrics["params"] = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         x = calib[0][:16]
         diff = float((net(x, sub.arch) - model(x)).abs().max())
@@ -134,129 +96,116 @@ def extract(subnet_path: str | Path, *, supernet: str | None = None, out: str | 
     if not diff <= PARITY_ATOL:
         raise RuntimeError(f"extracted model differs from the supernet by {diff:.3g} (> {PARITY_ATOL})")
     say(f"nas-extract: weights copied; output equals the supernet's (max abs diff {diff:.2g})")
+    return model
+
+
+def _train_and_score(model: StaticNet, splits: DatasetSplits, calib: list[torch.Tensor], metrics: dict[str, Any], *,
+                     finetune_epochs: int, finetune_lr: float, teacher: torch.nn.Module | None,
+                     progress: Callable[[str], None] | None) -> StaticNet:
+    """Recalibrate BN, score on validation, optionally fine-tune (from a teacher), score on test."""
+    from supernet.bn import evaluate, recalibrate_bn
+    from supernet.data import make_loader
+    from supernet.static_train import StaticRecipe, train_static
 
     model = recalibrate_bn(model, None, calib)
     val = make_loader(splits.val, batch_size=256, shuffle=False, seed=0)
     metrics["val_accuracy_inherited"] = evaluate(model, val)
     if finetune_epochs:
-        _finetune(model, splits, epochs=finetune_epochs, lr=finetune_lr, seed=0, progress=progress)
+        recipe = StaticRecipe(epochs=finetune_epochs, lr=finetune_lr, min_lr=finetune_lr / 100, warmup_epochs=0.25,
+                              seed=1000, channels_last=False)
+        torch.manual_seed(0)
+        train_static(model, splits, recipe, teacher=teacher, progress=progress)
         model.eval()
         metrics["val_accuracy_finetuned"] = evaluate(model, val)
         metrics["finetune_epochs"] = finetune_epochs
+        if teacher is not None:
+            metrics["teacher"] = "hard distillation" + (" through head_dist" if model.has_dist_head else "")
     metrics["test_accuracy"] = evaluate(model, make_loader(splits.test, batch_size=256, shuffle=False, seed=0))
-    model.eval()
+    return model.eval()
 
+
+def _deployable(model: StaticNet, sub: SubnetFile, metrics: dict[str, Any],
+                say: Callable[[str], None]) -> StaticNet:
+    """``model`` itself, or the same weights as a backbone and/or at the deployment input size."""
+    from supernet import build_model
+    from supernet.pretrained import transfer_weights
+
+    if sub.hw == model.hw and sub.task == "classify":
+        return model
+    deploy = build_model(sub.arch, sub.setup).eval()
+    resized = transfer_weights(model, deploy)
+    metrics["deployed_as"] = f"{sub.task} at {format_resolution(sub.hw)}"
+    if resized:
+        metrics["resampled_bias_tables"] = len(resized)
+    say(f"nas-extract: deploying as a {sub.task} at {format_resolution(sub.hw)}"
+        + (f" ({len(resized)} attention-bias tables resampled from the supernet's input size)" if resized else ""))
+    return deploy
+
+
+def extract(subnet_path: str | Path, *, supernet: str | None = None, out: str | Path | None = None,
+            finetune_epochs: int = 0, finetune_lr: float = 5e-4, formats: tuple[str, ...] = FORMATS,
+            measure: bool = True, features_only: bool = False, teacher: str | None = None,
+            notify: Callable[[str], None] | None = None,
+            progress: Callable[[str], None] | None = None) -> ExtractResult:
+    """Extract, check, optionally fine-tune, export and measure the subnet of ``subnet_path``.
+
+    Args:
+        subnet_path: the ``subnet.json``.
+        supernet: the supernet run folder (default: the one in ``subnet.json``'s provenance).
+        out: the output folder (default: ``runs/extract-<arch hash>``).
+        finetune_epochs: fine-tuning epochs on the run's training split (0: none).
+        finetune_lr: peak fine-tuning learning rate.
+        formats: any of :data:`FORMATS`.
+        measure: measure the local-cpu latency.
+        features_only: deploy a backbone without the head, whatever ``subnet.json`` says.
+        teacher: an extracted model folder or ``PRESET=WEIGHTS`` to distil from while fine-tuning.
+        notify: receives each default chosen for the user.
+        progress: receives progress lines.
+
+    Raises:
+        NasUserError: bad subnet.json, missing or mismatched supernet, bad formats or teacher.
+        RuntimeError: a parity check failed (a bug, never a user mistake).
+    """
+    from supernet.data import calibration_batches
+    from supernet.run import load_supernet
+
+    from .accuracy import load_run_splits
+
+    say = notify or logger.info
+    _check_options(formats, finetune_epochs, teacher)
+    sub = SubnetFile.load(subnet_path)
+    if features_only:
+        sub = replace(sub, task="backbone")
+    run = _resolve_run(sub, supernet, say)
+    out = Path(out) if out is not None else Path("runs") / f"extract-{sub.arch.hash}"
+    if notify is not None and out == Path("runs") / f"extract-{sub.arch.hash}":
+        say(f"nas-extract: writing the model to {out} (set --out to choose)")
+    net = load_supernet(run)
+    teacher_model = None
+    if teacher is not None:
+        from .teacher import load_teacher
+
+        teacher_model = load_teacher(teacher, net.setup)
+    splits = load_run_splits(run)
+    calib = calibration_batches(splits.train, batch_size=128, num_batches=max(1, min(16, len(splits.train) // 128)),
+                                seed=0)
+    metrics: dict[str, Any] = {}
+    model = _extract_checked(net, sub, calib, metrics, say)
+    model = _train_and_score(model, splits, calib, metrics, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+                             teacher=teacher_model, progress=progress)
+    model = _deployable(model, sub, metrics, say)
     out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    shape = (1, sub.in_chans, sub.resolution, sub.resolution)
-    sample = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    record = SubnetFile(sub.arch, sub.resolution, sub.num_classes, sub.in_chans, sub.distillation,
-                        {**sub.metrics, **{k: v for k, v in metrics.items()}}, sub.provenance)
-    if "safetensors" in formats:
-        from supernet.checkpoint import save_tensors
-
-        files["model.safetensors"] = save_tensors(out / "model.safetensors", dict(model.state_dict()),
-                                                  {"subnet": record.to_dict()})
-    if "onnx" in formats:
-        import onnxruntime as ort
-
-        from latency.runtime import export_onnx
-
-        export_onnx(model, shape, out / "model.onnx")
-        sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {sess.get_inputs()[0].name: sample.numpy()})[0]
-        with torch.no_grad():
-            want = model(sample).numpy()
-        metrics["onnx_max_abs"] = float(abs(got - want).max())
-        if not metrics["onnx_max_abs"] <= ONNX_ATOL:
-            raise RuntimeError(f"ONNX Runtime output differs from torch by {metrics['onnx_max_abs']:.3g}")
-        files["model.onnx"] = out / "model.onnx"
-    if "coreml" in formats:
-        from latency.runtime import convert_coreml, coreml_predict_available
-
-        t0 = time.perf_counter()
-        files["model.mlpackage"] = convert_coreml(model, shape, out / "model.mlpackage")
-        metrics["coreml_convert_seconds"] = time.perf_counter() - t0
-        metrics["coreml_prediction"] = ("available (macOS)" if coreml_predict_available() else
-                                        "not run: CoreML prediction needs macOS; the .mlpackage converted here")
+    files = export_formats(model, sub, metrics, formats, out, onnx_atol=ONNX_ATOL)
     if measure:
-        metrics["latency_ms"] = _latencies(model, shape, sub, run)
-    card = _model_card(sub, metrics, files, subnet_path)
-    files["model.md"] = atomic_write_text(out / "model.md", card)
-    final = SubnetFile(sub.arch, sub.resolution, sub.num_classes, sub.in_chans, sub.distillation,
-                       {**sub.metrics, **metrics}, sub.provenance)
-    files["subnet.json"] = final.save(out / "subnet.json")
+        metrics["latency_ms"] = measure_latencies(model, sub, run)
+    files["model.md"] = atomic_write_text(out / "model.md", model_card(sub, metrics, files, subnet_path))
+    files["subnet.json"] = replace(sub, metrics={**sub.metrics, **metrics}).save(out / "subnet.json")
     files["extract.json"] = atomic_write_json(out / "extract.json", {"metrics": metrics,
                                                                      "files": {k: str(v) for k, v in files.items()}})
     return ExtractResult(out, metrics, files)
 
 
-def _latencies(model: torch.nn.Module, shape: tuple[int, ...], sub: SubnetFile, run: Any) -> dict[str, Any]:
-    """Measured local-cpu latency (ORT, 1 thread) next to every LUT prediction available."""
-    from latency import LatencyTable, predict_latency
-    from latency.lut import default_lut_path
-    from latency.profiles import get_profile
-    from latency.runtime import measure_module
-
-    out: dict[str, Any] = {}
-    # As the LUT validation times whole networks: a few rounds, the quietest (lowest median) counts, so
-    # a burst of other work on a shared machine does not decide the figure.
-    profile = get_profile("local-cpu")
-    stats = min((measure_module(model, shape, profile) for _ in range(MEASURE_ROUNDS)), key=lambda st: st.median_ms)
-    out["local-cpu"] = {"measured": stats.median_ms, "measured_median": stats.median_ms, "measured_min": stats.min_ms,
-                        "iqr": stats.iqr_ms, "statistic": "median",
-                        "source": f"measured (ORT, 1 thread, best of {MEASURE_ROUNDS} rounds)"}
-    luts = {d: Path(v["path"]) for d, v in sub.provenance.get("luts", {}).items()}
-    local = default_lut_path("local-cpu", sub.resolution)
-    if "local-cpu" not in luts and local.is_file():
-        luts["local-cpu"] = local
-    for device, path in luts.items():
-        if not path.is_file():
-            continue
-        try:
-            lut = LatencyTable.load(path)
-            lut.check_compatible(device=device, resolution=sub.resolution, space_hash=run.space.hash)
-            value = predict_latency(sub.arch, lut)
-        except NasUserError as exc:
-            logger.warning("LUT %s not used: %s", path, exc)
-            continue
-        entry = out.setdefault(device, {})
-        entry["lut"] = value
-        entry["lut_source"] = "predicted" if lut.predicted else "measured-lut"
-        if "measured" in entry:  # compare like with like: the statistic the LUT sums
-            entry["statistic"] = lut.statistic
-            entry["measured"] = entry["measured_min"] if lut.statistic == "min" else entry["measured_median"]
-            entry["measured_over_lut"] = entry["measured"] / value
-    return out
-
-
-def _model_card(sub: SubnetFile, metrics: dict[str, Any], files: dict[str, Path], subnet_path: Any) -> str:
-    lines = [f"# Subnet {sub.arch.hash}", "",
-             f"Family `{sub.arch.family}`, input {sub.in_chans}x{sub.resolution}x{sub.resolution}, "
-             f"{sub.num_classes} classes.", "", f"Architecture: `{sub.arch.to_string()}`", "",
-             "| stage | width | blocks (mixer x expansion) |", "|---|---|---|"]
-    for i, st in enumerate(sub.arch.stages):
-        lines.append(f"| {i + 1} | {st.width} | {', '.join(f'{b.mixer} x{b.expansion:g}' for b in st.blocks)} |")
-    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    for k, v in metrics.items():
-        if k == "latency_ms":
-            continue
-        lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
-    lines += ["", "## Latency (ms)", "", "| device | measured | LUT | LUT source |", "|---|---|---|---|"]
-    for d, v in metrics.get("latency_ms", {}).items():
-        m = f"{v['measured']:.3f}" if "measured" in v else "-"
-        lut = f"{v['lut']:.3f}" if "lut" in v else "-"
-        lines.append(f"| {d} | {m} | {lut} | {v.get('lut_source', '-')} |")
-    lines += ["", "Accuracies are top-1 fractions; `val` is the held-out validation split, `test` the test split.",
-              "", "## Reproduce", "", "```", f"nas-extract {subnet_path}", "```", "",
-              "Load it anywhere with `from nas.extract import load_subnet; model = load_subnet('<this folder>')`.",
-              "", "Files: " + ", ".join(sorted(files)), ""]
-    if metrics.get("coreml_prediction", "").startswith("not run"):
-        lines += [f"Note: {metrics['coreml_prediction']}.", ""]
-    return "\n".join(lines)
-
-
-def load_subnet(folder: str | Path, *, map_location: str = "cpu") -> torch.nn.Module:
+def load_subnet(folder: str | Path, *, map_location: str = "cpu") -> StaticNet:
     """Rebuild an extracted model from its folder alone (``model.safetensors`` carries the config).
 
     >>> # model = load_subnet("runs/extract-abc123"); model(torch.zeros(1, 1, 32, 32))
@@ -269,9 +218,10 @@ def load_subnet(folder: str | Path, *, map_location: str = "cpu") -> torch.nn.Mo
     if "subnet" not in meta:
         raise FileFormatError(f"{path} carries no subnet config in its metadata")
     sub = SubnetFile.from_dict(meta["subnet"], source=str(path))
-    model = StaticNet(sub.arch, sub.specs(), resolution=sub.resolution)
+    model = StaticNet(sub.arch, sub.specs(), resolution=sub.hw)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise FileFormatError(f"{path}: weights do not fit the config ({len(missing)} missing, "
                               f"{len(unexpected)} unexpected tensors)")
     return model.to(map_location).eval()
+

@@ -50,7 +50,7 @@ from .model import StaticNet, build_model
 
 __all__ = [
     "LAYOUTS", "LoadReport", "export_state_dict", "init_supernet_from", "load_pretrained", "read_checkpoint",
-    "resize_bias_table", "target_bias_grid",
+    "resize_bias_table", "target_bias_grid", "transfer_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -424,3 +424,31 @@ def _write_lite_proj(unit: ElasticUnit, spec: BlockSpec, key: str, value: torch.
     rows = value.shape[0]
     full[:rows, :td].copy_(value[:, :td])
     full[:rows, td_max: td_max + td].copy_(value[:, td:])
+
+
+def transfer_weights(src: StaticNet, dst: StaticNet) -> list[str]:
+    """Copy ``src``'s weights into ``dst``: the same architecture at another input size or task.
+
+    Blocks pair up in order (``dst`` may end without the head, as a backbone does); every tensor
+    must have the same shape except the attention-bias tables, which are resampled to ``dst``'s
+    grids (:func:`resize_bias_table`). Returns the names of the resampled tables.
+
+    Raises:
+        NasUserError: the two models are not the same architecture.
+    """
+    if src.arch != dst.arch or len(dst.specs) > len(src.specs):
+        raise NasUserError(f"cannot transfer weights between different architectures ({src.arch.to_string()} and "
+                           f"{dst.arch.to_string()})")
+    resized = []
+    with torch.no_grad():
+        for i, (a, b, sa, sb) in enumerate(zip(src.blocks, dst.blocks, src.specs, dst.specs)):
+            if sa.kind != sb.kind or (sa.cin, sa.cout, sa.hidden) != (sb.cin, sb.cout, sb.hidden):
+                raise NasUserError(f"block {i} differs: {sa.key} vs {sb.key}")
+            theirs = dict(a.state_dict())
+            for name, t in b.state_dict().items():
+                value = theirs[name]
+                if value.shape != t.shape and name.endswith("attention_biases"):
+                    value = resize_bias_table(value, target_bias_grid(sa), target_bias_grid(sb))
+                    resized.append(f"blocks.{i}.{name}")
+                t.copy_(value)
+    return resized
