@@ -25,21 +25,23 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from search_spaces import ArchConfig, SearchSpace, get_space
-from search_spaces.errors import NasUserError
+from search_spaces.errors import FileFormatError, NasUserError
 from search_spaces.fileio import atomic_write_json, atomic_write_text, read_json
+from search_spaces.schema import validate
 
 from .bn import evaluate, recalibrate_bn
 from .checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors
 from .data import DatasetSplits, calibration_batches, load_dataset, make_loader
 from .elastic import SUPPORTED_FAMILIES, Supernet
-from .train import CHECKPOINT, SUPERNET_SCHEMA, LogRow, TrainResult, lr_at, sandwich_archs
+from .run_schema import SUPERNET_SCHEMA, CheckpointMeta, EpochSums, RunMeta, SupernetFile
+from .train import CHECKPOINT, LogRow, TrainResult, lr_at, sandwich_archs
 from .train_config import TrainConfig
 
 if TYPE_CHECKING:
@@ -52,12 +54,20 @@ logger = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor, ArchConfig], torch.Tensor]
 
 
-def _resolve_space(cfg: TrainConfig) -> SearchSpace:
+def _square_side(cfg: TrainConfig) -> int:
+    height, width = cfg.resolution
+    if height != width:
+        raise NasUserError(f"--resolution {cfg.resolution_text}: training takes square inputs for now (the data "
+                           f"loaders and the supernet are square-only); use e.g. --resolution {max(height, width)}")
+    return height
+
+
+def _resolve_space(cfg: TrainConfig, side: int) -> SearchSpace:
     space = get_space(cfg.space)
     if space.family not in SUPPORTED_FAMILIES:
         raise NasUserError(f"--space {cfg.space!r} is of family {space.family!r}; supernets exist for "
                            f"{list(SUPPORTED_FAMILIES)} (e.g. efficientformer_v2, efficientformer_v2_demo)")
-    stride = cfg.stem_stride or (2 if cfg.resolution <= 64 else space.stem_stride)
+    stride = cfg.stem_stride or (2 if side <= 64 else space.stem_stride)
     return space.with_stem_stride(stride)
 
 
@@ -114,20 +124,10 @@ class _EpochSums:
         return self.loss_sum / max(self.loss_n, 1)
 
 
-def _run_meta(cfg: TrainConfig, space: SearchSpace, splits: DatasetSplits) -> dict[str, Any]:
-    return {
-        "schema": SUPERNET_SCHEMA,
-        "space": space.to_dict(),
-        "space_name": space.name,
-        "space_hash": space.hash,
-        "family": space.family,
-        "resolution": cfg.resolution,
-        "num_classes": splits.num_classes,
-        "in_chans": splits.in_chans,
-        "distillation": None,
-        "dataset": splits.describe(),
-        "recipe": cfg.to_dict(),
-    }
+def _run_meta(cfg: TrainConfig, space: SearchSpace, splits: DatasetSplits, side: int) -> RunMeta:
+    return RunMeta(schema=SUPERNET_SCHEMA, space=space.to_dict(), space_name=space.name, space_hash=space.hash,
+                   family=space.family, resolution=side, num_classes=splits.num_classes, in_chans=splits.in_chans,
+                   distillation=None, dataset=splits.describe(), recipe=cfg.to_dict())
 
 
 class Trainer:
@@ -159,14 +159,15 @@ class Trainer:
         if cfg.batch_size % ddp.world:
             raise NasUserError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
                                f"({ddp.world})")
-        self.space = _resolve_space(cfg)
-        self.splits = load_dataset(cfg.dataset, resolution=cfg.resolution, seed=cfg.seed, val_size=cfg.val_size,
+        self.side = _square_side(cfg)
+        self.space = _resolve_space(cfg, self.side)
+        self.splits = load_dataset(cfg.dataset, resolution=self.side, seed=cfg.seed, val_size=cfg.val_size,
                                    train_subset=cfg.train_subset)
         n_train = len(self.splits.train)
         if n_train < cfg.batch_size:
             raise NasUserError(f"--batch-size {cfg.batch_size} is larger than the training split of {cfg.dataset} "
                                f"({n_train} images); use a --batch-size of at most {n_train}")
-        self.meta = _run_meta(cfg, self.space, self.splits)
+        self.meta = _run_meta(cfg, self.space, self.splits, self.side)
 
     # ------------------------------------------------------------------ 2. completed
     def completed(self) -> TrainResult | None:
@@ -174,10 +175,12 @@ class Trainer:
         final = self.run_dir / "supernet.json"
         if not (final.is_file() and (self.run_dir / "supernet.safetensors").is_file()):
             return None
-        done = read_json(final, what="supernet.json")
-        if done.get("recipe", {}) and TrainConfig.from_dict(done["recipe"]).identity() == self.cfg.identity():
+        raw = read_json(final, what="supernet.json")
+        done = validate(SupernetFile, raw, source=f"{final} (use --restart to discard the run)")
+        recipe = TrainConfig.from_dict(done.recipe, source=str(final)) if done.recipe else None
+        if recipe is not None and recipe.identity() == self.cfg.identity():
             logger.info("run %s is already complete; nothing to do (use --restart to train again)", self.run_dir)
-            return TrainResult(self.run_dir, done.get("metrics", {}), done.get("log", []), already_complete=True)
+            return TrainResult(self.run_dir, dict(done.metrics), list(raw.get("log", [])), already_complete=True)
         return None
 
     # ------------------------------------------------------------------ 3. build
@@ -185,7 +188,7 @@ class Trainer:
         """The seeded supernet, its optimizer, and the step counts of the schedule."""
         cfg, device = self.cfg, self.device
         torch.manual_seed(cfg.seed)
-        net = Supernet(self.space, num_classes=self.splits.num_classes, resolution=cfg.resolution,
+        net = Supernet(self.space, num_classes=self.splits.num_classes, resolution=self.side,
                        in_chans=self.splits.in_chans)
         net.to(device)
         if cfg.channels_last:
@@ -209,16 +212,20 @@ class Trainer:
         ckpt = self.run_dir / CHECKPOINT
         if not ckpt.is_file():
             return
-        tensors, state = load_tensors(ckpt)
-        if TrainConfig.from_dict(state["config"]).identity() != self.cfg.identity():
+        tensors, raw = load_tensors(ckpt)
+        state = validate(CheckpointMeta, raw, source=f"{ckpt} (use --restart to discard it)")
+        if TrainConfig.from_dict(state.config, source=str(ckpt)).identity() != self.cfg.identity():
             raise NasUserError(f"{self.run_dir} holds a checkpoint of different training settings; use another "
                                f"--out or --restart to discard it")
+        if state.total != self.total or "rng.torch" not in tensors:
+            raise FileFormatError(f"{ckpt} does not fit these settings ({state.total} steps, not {self.total}) or "
+                                  f"lacks its RNG state; use --restart to discard it")
         self.net.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        optimizer_from_tensors(self.opt, tensors, state["optimizer"])
+        optimizer_from_tensors(self.opt, tensors, state.optimizer.model_dump())
         torch.set_rng_state(tensors["rng.torch"])
-        self.step_no, self.log = int(state["step"]), list(state["log"])
+        self.step_no, self.log = state.step, [row.model_dump(exclude_none=True) for row in state.log]
         if self.step_no % self.steps_per_epoch:
-            self.sums = _EpochSums(**state.get("epoch_running", {}))
+            self.sums = _EpochSums(**state.epoch_running.model_dump())
         logger.info("resuming %s at step %d of %d (epoch %d)", self.run_dir, self.step_no, self.total,
                     self.step_no // self.steps_per_epoch + 1)
 
@@ -328,10 +335,10 @@ class Trainer:
         opt_tensors, opt_meta = optimizer_to_tensors(self.opt)
         tensors.update(opt_tensors)
         tensors["rng.torch"] = torch.get_rng_state()
-        running = {**asdict(self.sums), "seconds": self.sums.seconds + time.perf_counter() - self._t0}
-        save_tensors(self.run_dir / CHECKPOINT, tensors,
-                     {"config": self.cfg.to_dict(), "step": self.step_no, "total": self.total, "log": self.log,
-                      "optimizer": opt_meta, "meta": self.meta, "epoch_running": running})
+        running = EpochSums(**{**asdict(self.sums), "seconds": self.sums.seconds + time.perf_counter() - self._t0})
+        meta = CheckpointMeta(config=self.cfg.to_dict(), step=self.step_no, total=self.total, log=self.log,
+                              optimizer=opt_meta, meta=self.meta, epoch_running=running)
+        save_tensors(self.run_dir / CHECKPOINT, tensors, meta.model_dump(mode="json", by_alias=True))
 
     def validate(self, split_name: str) -> dict[str, float]:
         """Accuracy of the largest and smallest subnets on ``split_name`` after BN recalibration."""
@@ -354,15 +361,14 @@ class Trainer:
             metrics.update({k: v for k, v in self.log[-1].items() if k.startswith("val_acc")} if self.log else {})
             metrics.update(self.validate("test"))
             metrics["train_seconds"] = time.perf_counter() - self._t_run
-            _write_outputs(self.run_dir, self.net, self.meta, self.cfg, metrics, self.log)
+            _write_outputs(self.run_dir, self.net, self.meta, metrics, self.log)
         self.ddp.barrier()
         return TrainResult(self.run_dir, metrics, self.log, resumed_from_step=self.resumed_from)
 
 
-def _write_outputs(run_dir: Path, net: Supernet, meta: dict[str, Any], cfg: TrainConfig,
-                   metrics: dict[str, float], log: list[LogRow]) -> None:
+def _write_outputs(run_dir: Path, net: Supernet, meta: RunMeta, metrics: dict[str, float], log: list[LogRow]) -> None:
     weights = dict(net.state_dict())
-    save_tensors(run_dir / "supernet.safetensors", weights, {"space": meta["space"], "resolution": cfg.resolution})
+    save_tensors(run_dir / "supernet.safetensors", weights, {"space": meta.space, "resolution": meta.resolution})
     digest = hashlib.sha256((run_dir / "supernet.safetensors").read_bytes()).hexdigest()
     buf = io.StringIO()
     if log:
@@ -370,5 +376,5 @@ def _write_outputs(run_dir: Path, net: Supernet, meta: dict[str, Any], cfg: Trai
         writer.writeheader()
         writer.writerows(log)
     atomic_write_text(run_dir / "train_log.csv", buf.getvalue())
-    atomic_write_json(run_dir / "supernet.json", {**meta, "weights_sha256": digest, "metrics": metrics,
-                                                  "log": log, "complete": True})
+    final = SupernetFile(**dict(meta), weights_sha256=digest, metrics=metrics, log=log, complete=True)
+    atomic_write_json(run_dir / "supernet.json", final.to_json())

@@ -26,11 +26,11 @@ import torch
 
 from search_spaces import ArchConfig, SearchSpace
 
+from .run_schema import SUPERNET_SCHEMA
 from .train_config import TrainConfig
 
 __all__ = ["TrainConfig", "TrainResult", "train", "sandwich_archs", "lr_at", "SUPERNET_SCHEMA", "CHECKPOINT"]
 
-SUPERNET_SCHEMA = 1
 CHECKPOINT = "checkpoint.safetensors"
 
 #: One row of the training log (one per epoch): ``epoch``, ``step``, ``lr``, ``train_loss``,
