@@ -7,7 +7,7 @@ import math
 import sys
 import types
 import typing
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from pydantic import BaseModel
 
@@ -116,13 +116,14 @@ def _float_value(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-_FLAG_TYPES: dict[Any, Callable[[str], Any]] = {int: _int_value, float: _float_value, bool: bool_value, str: str}
+_FLAG_TYPES: dict[object, Callable[[str], object]] = {int: _int_value, float: _float_value, bool: bool_value,
+                                                      str: str}
 
 
-_METAVARS: dict[Callable[[str], Any], str] = {_int_value: "N", _float_value: "X", bool_value: "{true,false}"}
+_METAVARS: dict[Callable[[str], object], str] = {_int_value: "N", _float_value: "X", bool_value: "{true,false}"}
 
 
-def _flag_kind(annotation: Any) -> tuple[Callable[[str], Any], list[Any] | None]:
+def _flag_kind(annotation: object) -> tuple[Callable[[str], object], list[object] | None]:
     """The argparse ``type`` and ``choices`` of a field annotation (``X | None`` as ``X``)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     origin = typing.get_origin(annotation)
@@ -135,7 +136,7 @@ def _flag_kind(annotation: Any) -> tuple[Callable[[str], Any], list[Any] | None]
     return _FLAG_TYPES.get(annotation, str), None  # str, or a value the model parses itself (e.g. 512x1024)
 
 
-def _default_text(value: Any) -> str:
+def _default_text(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return "none" if value is None else str(value)
@@ -163,10 +164,10 @@ def add_schema_flags(group: argparse._ActionsContainer, model: type[BaseModel]) 
             group.add_argument(flag, dest=name, action="store_const", const=True, help=help_text)
             continue
         kind, choices = _flag_kind(info.annotation)
-        metavar = extra.get("metavar") or (None if choices else _METAVARS.get(kind))
+        metavar = str(extra["metavar"]) if "metavar" in extra else (None if choices else _METAVARS.get(kind))
         group.add_argument(flag, dest=name, type=kind, choices=choices, metavar=metavar, help=help_text)
 
 
-def schema_flag_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+def schema_flag_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, object]:
     """The fields of ``model`` given as flags in ``args`` (those not ``None``), by field name."""
     return {name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}

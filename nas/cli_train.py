@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from search_spaces.errors import NasUserError
 from search_spaces.fileio import read_json
@@ -49,7 +49,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """The settings of ``--config`` (if given) overridden by the flags given, validated."""
     from supernet.train_config import TrainConfig
 
-    settings: dict[str, Any] = {}
+    settings: dict[str, object] = {}
     if args.config:
         loaded = read_json(args.config, what="--config file")
         if not isinstance(loaded, dict):

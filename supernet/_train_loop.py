@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from search_spaces import ArchConfig, SearchSpace, get_space
 from search_spaces.errors import FileFormatError, NasUserError
@@ -37,11 +36,13 @@ from search_spaces.fileio import atomic_write_json, atomic_write_text, read_json
 from search_spaces.schema import validate
 
 from .bn import evaluate, recalibrate_bn
+from .compile import CompiledSupernet
 from .checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors
 from .data import DatasetSplits, calibration_batches, load_dataset, make_loader
 from .elastic import SUPPORTED_FAMILIES, Supernet
 from .run_schema import SUPERNET_SCHEMA, CheckpointMeta, EpochSums, RunMeta, SupernetFile
-from .train import CHECKPOINT, LogRow, TrainResult, lr_at, sandwich_archs
+from .sandwich import lr_at, sandwich_archs, sandwich_step
+from .train import CHECKPOINT, LogRow, TrainResult
 from .train_config import TrainConfig
 
 if TYPE_CHECKING:
@@ -52,6 +53,14 @@ __all__ = ["Trainer"]
 logger = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor, ArchConfig], torch.Tensor]
+
+
+def _check_backend(name: str) -> None:
+    from torch._dynamo import list_backends
+
+    known = sorted(set(list_backends(exclude_tags=())) | {"inductor"})
+    if name not in known:
+        raise NasUserError(f"--compile-backend {name!r} is not a torch.compile backend; known: {known}")
 
 
 def _square_side(cfg: TrainConfig) -> int:
@@ -125,9 +134,10 @@ class _EpochSums:
 
 
 def _run_meta(cfg: TrainConfig, space: SearchSpace, splits: DatasetSplits, side: int) -> RunMeta:
-    return RunMeta(schema=SUPERNET_SCHEMA, space=space.to_dict(), space_name=space.name, space_hash=space.hash,
-                   family=space.family, resolution=side, num_classes=splits.num_classes, in_chans=splits.in_chans,
-                   distillation=None, dataset=splits.describe(), recipe=cfg.to_dict())
+    return RunMeta.model_validate({
+        "schema": SUPERNET_SCHEMA, "space": space.to_dict(), "space_name": space.name, "space_hash": space.hash,
+        "family": space.family, "resolution": side, "num_classes": splits.num_classes, "in_chans": splits.in_chans,
+        "distillation": None, "dataset": splits.describe(), "recipe": cfg.to_dict()})
 
 
 class Trainer:
@@ -153,6 +163,8 @@ class Trainer:
                                    else f"cuda:{ddp.local_rank}")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise NasUserError("--device cuda was given but no CUDA GPU is available; use --device cpu")
+        if cfg.compile:
+            _check_backend(cfg.compile_backend)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
@@ -192,7 +204,7 @@ class Trainer:
                        in_chans=self.splits.in_chans)
         net.to(device)
         if cfg.channels_last:
-            net.to(memory_format=torch.channels_last)
+            net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (the stubs lack it)
         no_decay = net.no_weight_decay()
         named = list(net.named_parameters())
         self.net, self.params = net, [p for _, p in named]
@@ -244,10 +256,10 @@ class Trainer:
             if self.on_start is not None:
                 self.on_start()
         self.forward: Forward = self.net
+        self.compiled: CompiledSupernet | None = None
         if cfg.compile:
-            from torch import _dynamo
-            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-            self.forward = torch.compile(self.net)
+            self.compiled = CompiledSupernet(self.net, backend=cfg.compile_backend)
+            self.forward = self.compiled
         if self.progress and self.ddp.main:
             from tqdm import tqdm
             self._bar = tqdm(total=self.total, initial=self.step_no, unit="step", dynamic_ncols=True,
@@ -279,22 +291,14 @@ class Trainer:
         lr = lr_at(self.step_no, total=self.total, warmup=self.warmup, lr=cfg.lr, min_lr=cfg.min_lr)
         for g in self.opt.param_groups:
             g["lr"] = lr
+        if self.compiled is not None:
+            self.compiled.begin_step()
         self.opt.zero_grad(set_to_none=True)
-        teacher: torch.Tensor | None = None
-        for k, arch in enumerate(sandwich_archs(self.space, seed=cfg.seed, step=self.step_no,
-                                                num_random=cfg.num_random)):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = self.forward(x, arch)
-                if k == 0:
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                    teacher = logits.detach().float().softmax(dim=-1)
-                    self.sums.loss_sum += float(loss.detach())
-                    self.sums.loss_n += 1
-                elif cfg.distill and teacher is not None:
-                    loss = torch.sum(-teacher * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-                else:
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            loss.backward()
+        archs = sandwich_archs(self.space, seed=cfg.seed, step=self.step_no, num_random=cfg.num_random)
+        loss = sandwich_step(self.forward, archs, x, y, label_smoothing=cfg.label_smoothing, distill=cfg.distill,
+                             bf16=self.bf16)
+        self.sums.loss_sum += float(loss)
+        self.sums.loss_n += 1
         self.ddp.average_grads(self.params)
         self.opt.step()
         self.step_no += 1
@@ -323,6 +327,8 @@ class Trainer:
             logger.info("epoch %d/%d: loss %.4f, val acc largest %.4f smallest %.4f, %.0f img/s", epoch + 1,
                         cfg.epochs, row["train_loss"], row["val_acc_largest"], row["val_acc_smallest"],
                         row["images_per_s"])
+        if self.compiled is not None and self.ddp.main:
+            logger.info("compile: %s", self.compiled.update_counts().summary())
         self.log.append(row)
         self.save_checkpoint()
         self.ddp.barrier()
@@ -336,8 +342,9 @@ class Trainer:
         tensors.update(opt_tensors)
         tensors["rng.torch"] = torch.get_rng_state()
         running = EpochSums(**{**asdict(self.sums), "seconds": self.sums.seconds + time.perf_counter() - self._t0})
-        meta = CheckpointMeta(config=self.cfg.to_dict(), step=self.step_no, total=self.total, log=self.log,
-                              optimizer=opt_meta, meta=self.meta, epoch_running=running)
+        meta = CheckpointMeta.model_validate({"config": self.cfg.to_dict(), "step": self.step_no, "total": self.total,
+                                              "log": self.log, "optimizer": opt_meta, "meta": self.meta,
+                                              "epoch_running": running})
         save_tensors(self.run_dir / CHECKPOINT, tensors, meta.model_dump(mode="json", by_alias=True))
 
     def validate(self, split_name: str) -> dict[str, float]:
@@ -376,5 +383,6 @@ def _write_outputs(run_dir: Path, net: Supernet, meta: RunMeta, metrics: dict[st
         writer.writeheader()
         writer.writerows(log)
     atomic_write_text(run_dir / "train_log.csv", buf.getvalue())
-    final = SupernetFile(**dict(meta), weights_sha256=digest, metrics=metrics, log=log, complete=True)
+    final = SupernetFile.model_validate({**dict(meta), "weights_sha256": digest, "metrics": metrics, "log": log,
+                                         "complete": True})
     atomic_write_json(run_dir / "supernet.json", final.to_json())

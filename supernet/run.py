@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING, Any
 from search_spaces import SearchSpace
 from search_spaces.errors import FileFormatError, NasUserError
 from search_spaces.fileio import read_json
-from search_spaces.schema import validate
-
-from .run_schema import SUPERNET_SCHEMA, SupernetFile
 
 if TYPE_CHECKING:
     from .elastic import Supernet
+    from .run_schema import SupernetFile
 
 __all__ = ["SupernetRun", "find_latest_run", "load_run", "load_supernet"]
 
@@ -110,6 +108,10 @@ def load_run(path: str | os.PathLike[str], *, check_weights: bool = True) -> Sup
     Raises:
         FileFormatError: missing, incomplete or corrupt run.
     """
+    from search_spaces.schema import validate  # pydantic: loaded when a run is read, not by `import supernet`
+
+    from .run_schema import SUPERNET_SCHEMA, SupernetFile
+
     path = Path(path)
     if path.is_file() and path.name == "supernet.json":
         path = path.parent

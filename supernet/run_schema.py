@@ -17,9 +17,9 @@ metadata and the running sums of the current epoch.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Final, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from search_spaces import SearchSpace
 from search_spaces.schema import Schema
@@ -28,7 +28,7 @@ __all__ = ["SUPERNET_SCHEMA", "DatasetInfo", "EpochRow", "RunMeta", "SupernetFil
            "OptimizerMeta", "CheckpointMeta"]
 
 #: The ``schema`` number of the ``supernet.json`` files this version writes.
-SUPERNET_SCHEMA = 1
+SUPERNET_SCHEMA: Final = 1
 
 
 class DatasetInfo(Schema):
@@ -63,7 +63,7 @@ class RunMeta(Schema):
     model_config = ConfigDict(populate_by_name=True)
 
     schema_version: Literal[1] = Field(alias="schema")
-    space: dict[str, Any]
+    space: dict[str, JsonValue]
     space_name: str | None = None
     space_hash: str | None = None
     family: str | None = None
@@ -72,15 +72,15 @@ class RunMeta(Schema):
     in_chans: int = Field(ge=1)
     distillation: bool | None = None
     dataset: DatasetInfo | None = None
-    recipe: dict[str, Any]
+    recipe: dict[str, JsonValue]
 
     @field_validator("space")
     @classmethod
-    def _space_loads(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _space_loads(cls, value: dict[str, JsonValue]) -> dict[str, JsonValue]:
         SearchSpace.from_dict(value)  # a NasUserError (a ValueError) becomes this field's error
         return value
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, JsonValue]:
         """The JSON object as written (``schema`` first, unset optional fields included)."""
         return self.model_dump(mode="json", by_alias=True)
 
@@ -98,28 +98,28 @@ class EpochSums(Schema):
     """Running sums of the current epoch, so that a run resumed mid-epoch logs the whole epoch."""
 
     loss_sum: float = 0.0
-    loss_n: int = Field(0, ge=0)
-    seen: int = Field(0, ge=0)
+    loss_n: int = Field(default=0, ge=0)
+    seen: int = Field(default=0, ge=0)
     seconds: float = 0.0
 
 
 class OptimizerMeta(Schema):
     """The optimizer's state besides its tensors (:func:`supernet.checkpoint.optimizer_to_tensors`)."""
 
-    param_groups: list[dict[str, Any]]
-    scalars: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    param_groups: list[dict[str, JsonValue]]
+    scalars: dict[str, dict[str, JsonValue]] = Field(default_factory=dict)
 
 
 class CheckpointMeta(Schema):
     """The JSON metadata of ``checkpoint.safetensors``."""
 
-    config: dict[str, Any]
+    config: dict[str, JsonValue]
     step: int = Field(ge=0)
     total: int = Field(ge=1)
     log: list[EpochRow]
     optimizer: OptimizerMeta
     meta: RunMeta
-    epoch_running: EpochSums = Field(default_factory=EpochSums)
+    epoch_running: EpochSums = Field(default_factory=lambda: EpochSums())
 
     @model_validator(mode="after")
     def _step_in_range(self) -> CheckpointMeta:

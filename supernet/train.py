@@ -10,26 +10,24 @@ A run folder holds ``checkpoint.safetensors`` (weights, optimizer, RNG, step, lo
 atomically at each epoch end and every ``save_every`` steps) and, when training completes,
 ``supernet.safetensors``, ``supernet.json`` and ``train_log.csv``.
 
-The loop itself lives in :mod:`supernet._train_loop`; the settings in
-:mod:`supernet.train_config`.
+The loop itself lives in :mod:`supernet._train_loop`, the step's pure functions in
+:mod:`supernet.sandwich`, the settings in :mod:`supernet.train_config`.
 """
 from __future__ import annotations
 
-import math
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from search_spaces import ArchConfig, SearchSpace
-
 from .run_schema import SUPERNET_SCHEMA
+from .sandwich import lr_at, sandwich_archs, sandwich_step
 from .train_config import TrainConfig
 
-__all__ = ["TrainConfig", "TrainResult", "train", "sandwich_archs", "lr_at", "SUPERNET_SCHEMA", "CHECKPOINT"]
+__all__ = ["TrainConfig", "TrainResult", "train", "sandwich_archs", "sandwich_step", "lr_at", "SUPERNET_SCHEMA",
+           "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -55,27 +53,6 @@ class TrainResult:
     log: list[LogRow] = field(default_factory=list)
     resumed_from_step: int = 0
     already_complete: bool = False
-
-
-def lr_at(step: int, *, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``.
-
-    >>> lr_at(0, total=100, warmup=10, lr=1.0, min_lr=0.0)
-    0.1
-    >>> round(lr_at(100, total=100, warmup=10, lr=1.0, min_lr=0.0), 6)
-    0.0
-    """
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def sandwich_archs(space: SearchSpace, *, seed: int, step: int, num_random: int) -> list[ArchConfig]:
-    """Largest, smallest, then ``num_random`` random configs; a pure function of ``(seed, step)``."""
-    archs = [space.largest(), space.smallest()]
-    archs += [space.sample(random.Random(f"sandwich:{seed}:{step}:{k}")) for k in range(num_random)]
-    return archs
 
 
 def train(

@@ -22,10 +22,11 @@ NasUserError: --lr must be a finite number > 0, got nan
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Callable, Collection, Literal, Mapping
+import typing
+from typing import Annotated, Callable, Collection, Literal, Mapping
 
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, JsonValue, PlainSerializer, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
@@ -42,7 +43,7 @@ MIN_TRAIN_RESOLUTION, MAX_TRAIN_RESOLUTION = 16, 1024
 _SIDES = f"within [{MIN_TRAIN_RESOLUTION}, {MAX_TRAIN_RESOLUTION}]"
 
 
-def _to_hw(value: Any) -> Any:
+def _to_hw(value: object) -> object:
     """``32``, ``"32"``, ``"512x1024"`` or ``[512, 1024]`` to ``(height, width)``; anything else is left to fail."""
     if isinstance(value, tuple):
         return value
@@ -58,7 +59,7 @@ def _check_sides(hw: tuple[int, int]) -> tuple[int, int]:
     return hw
 
 
-def _no_bool(value: Any) -> Any:
+def _no_bool(value: object) -> object:
     if isinstance(value, bool):  # a Literal[0, ...] would take False as 0
         raise PydanticCustomError("bool", "a bool")
     return value
@@ -66,7 +67,7 @@ def _no_bool(value: Any) -> Any:
 
 #: ``(height, width)``; read from ``32``, ``"512x1024"`` or ``[512, 1024]``, written as an int when square.
 Resolution = Annotated[tuple[int, int], BeforeValidator(_to_hw), AfterValidator(_check_sides),
-                       PlainSerializer(resolution_json, return_type=Any)]
+                       PlainSerializer(resolution_json, return_type=int | list[int])]
 _DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]+)?)$"
 
 
@@ -86,8 +87,9 @@ class TrainConfig(Schema):
                                    json_schema_extra={"allowed": f"an integer {_SIDES}, or HEIGHTxWIDTH with "
                                                                  f"both sides {_SIDES} (e.g. 32 or 512x1024)",
                                                       "metavar": "N|HxW"})
-    stem_stride: Annotated[Literal[0, 2, 4], BeforeValidator(_no_bool)] = Field(0, description="stem stride 2 or 4; 0: automatic (2 for resolutions "
-                                          "up to 64, for small images; else the space's ImageNet-shaped 4)")
+    stem_stride: Annotated[Literal[0, 2, 4], BeforeValidator(_no_bool)] = Field(
+        0, description="stem stride 2 or 4; 0: automatic (2 for resolutions up to 64, for small images; else the "
+        "space's ImageNet-shaped 4)")
     epochs: int = Field(5, ge=1, description="passes over the training split")
     batch_size: int = Field(128, ge=2, description="global batch (split across processes)")
     lr: float = Field(2e-3, gt=0, allow_inf_nan=False, description="peak AdamW learning rate, reached after "
@@ -118,9 +120,11 @@ class TrainConfig(Schema):
     compile: bool = Field(False, description="torch.compile the supernet, one static graph per block spec; "
                           "any compiler failure falls back to eager with a warning",
                           json_schema_extra={"switch": True})
+    compile_backend: str = Field("inductor", min_length=1, description="torch.compile backend of --compile: "
+                                 "inductor (fused kernels), or aot_eager to debug a compile problem")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
 
-    def __init__(self, *, _names: Callable[[str], str] | None = None, **data: Any) -> None:
+    def __init__(self, *, _names: Callable[[str], str] | None = None, **data: object) -> None:
         try:
             super().__init__(**data)
         except ValidationError as exc:
@@ -141,7 +145,7 @@ class TrainConfig(Schema):
         return self
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, source: str = "", flags: Collection[str] = ()) -> TrainConfig:
+    def from_dict(cls, d: Mapping[str, object], *, source: str = "", flags: Collection[str] = ()) -> TrainConfig:
         """Validate settings (a ``--config`` file's JSON object merged with flags).
 
         Args:
@@ -166,14 +170,14 @@ class TrainConfig(Schema):
 
         return cls(_names=name, **d)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, JsonValue]:
         """The settings as JSON values (``resolution`` an int when square, else ``[height, width]``)."""
         return self.model_dump(mode="json")
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, JsonValue]:
         """The settings that must match for a run folder to be resumed (not device or threads)."""
         d = self.to_dict()
-        for k in ("device", "threads", "save_every", "compile"):
+        for k in ("device", "threads", "save_every", "compile", "compile_backend"):
             d.pop(k)
         return d
 
@@ -197,27 +201,25 @@ def allowed_values(info: FieldInfo) -> str:
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     if "allowed" in extra:
         return str(extra["allowed"])
-    annotation = info.annotation
-    nullable = False
-    if getattr(annotation, "__args__", None) and type(None) in annotation.__args__ and \
-            getattr(annotation, "__origin__", None) is not Literal:
-        nullable = True
-        annotation = next(a for a in annotation.__args__ if a is not type(None))
-    if getattr(annotation, "__origin__", None) is Literal:
-        choices = [str(c) for c in annotation.__args__]
-        text = "one of " + ", ".join(choices)
+    annotation: object = info.annotation
+    args = typing.get_args(annotation)
+    nullable = type(None) in args and typing.get_origin(annotation) is not Literal
+    if nullable:
+        annotation = next(a for a in args if a is not type(None))
+    if typing.get_origin(annotation) is Literal:
+        text = "one of " + ", ".join(str(c) for c in typing.get_args(annotation))
     else:
         finite = any(getattr(m, "allow_inf_nan", True) is False for m in info.metadata)
         base = {int: "an integer", float: "a finite number" if finite else "a number", bool: "true or false",
                 str: "a string"}
-        text = base.get(annotation, str(annotation))  # type: ignore[call-overload]
+        text = base.get(annotation, str(annotation)) if isinstance(annotation, type) else str(annotation)
         text += _bounds(info.metadata)
     if nullable:
         text = text.replace(" or ", ", ") + " or null" if text == "true or false" else text + " or null"
     return text
 
 
-def _bounds(metadata: list[Any]) -> str:
+def _bounds(metadata: list[object]) -> str:
     low = next((("[", m.ge) for m in metadata if isinstance(m, Ge)), None) or \
         next((("(", m.gt) for m in metadata if isinstance(m, Gt)), None)
     high = next(((m.le, "]") for m in metadata if isinstance(m, Le)), None) or \
@@ -231,7 +233,7 @@ def _bounds(metadata: list[Any]) -> str:
     return ""
 
 
-def _message(exc: ValidationError, data: Mapping[str, Any], *, name: Callable[[str], str]) -> str:
+def _message(exc: ValidationError, data: Mapping[str, object], *, name: Callable[[str], str]) -> str:
     """One line for the first error of ``exc``: ``<setting> must be <allowed>, got <value>``."""
     errors = exc.errors(include_url=False)
     err = errors[0]
@@ -251,7 +253,7 @@ def _message(exc: ValidationError, data: Mapping[str, Any], *, name: Callable[[s
     return f"{name(field)} must be {allowed_values(info)}, got {_show(data.get(field, err.get('input')))}{tail}"
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     text = repr(value)
