@@ -197,6 +197,8 @@ class CompiledSupernet:
         state = unit.state_for(spec)
         try:
             out = fn(state, x)
+        except torch.OutOfMemoryError:
+            raise  # not the compiler's failure: eager would need the memory too
         except Exception as exc:  # a compiler failure must never stop training: rerun this block eagerly
             self._failed(spec, exc)
             self.stats.eager_calls += 1
@@ -222,6 +224,10 @@ class CompiledSupernet:
             inputs = [t for t in state.values() if t.requires_grad]
             if out.requires_grad and inputs:
                 torch.autograd.grad(out.float().sum(), inputs, allow_unused=True)
+        except torch.OutOfMemoryError:  # the probe's copies did not fit: run eagerly now, try again later
+            self.stats.compile_seconds += time.perf_counter() - t0
+            logger.debug("no memory to probe %s; it runs eagerly this time", spec.key)
+            return None
         except Exception as exc:  # dynamo, AOTAutograd, Inductor or toolchain: run this spec eagerly
             self.stats.compile_seconds += time.perf_counter() - t0
             self._failed(spec, exc)

@@ -3,7 +3,7 @@
 Everything is real: dynamo, AOTAutograd and (for the failure) Inductor with its C++ toolchain.
 The in-process checks and the successful ``nas-train --compile`` run use the ``aot_eager``
 backend (dynamo and AOTAutograd without code generation), because Inductor's C++ code
-generation takes tens of seconds per graph on a small CPU machine. The failure is forced
+generation for each of a few dozen graphs is slow on a small CPU machine. The failure is forced
 through Inductor itself, with ``CXX`` pointing to a compiler that does not exist, as on a
 machine without a working C++ toolchain. No test asserts on a timing.
 """
