@@ -7,11 +7,12 @@ import math
 import sys
 import types
 import typing
-from typing import Callable, NoReturn, Sequence
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
 
 from search_spaces.errors import NasUserError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 __all__ = ["NasArgumentParser", "run_cli", "setup_logging", "announce", "int_at_least", "positive_float",
            "bool_value", "add_schema_flags", "schema_flag_values"]
