@@ -5,11 +5,17 @@ import argparse
 import logging
 import math
 import sys
-from typing import Callable, NoReturn, Sequence
+import types
+import typing
+from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
 
 from search_spaces.errors import NasUserError
 
-__all__ = ["NasArgumentParser", "run_cli", "setup_logging", "announce", "int_at_least", "positive_float"]
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+__all__ = ["NasArgumentParser", "run_cli", "setup_logging", "announce", "int_at_least", "positive_float",
+           "bool_value", "add_schema_flags", "schema_flag_values"]
 
 EXIT_USER_ERROR = 2
 
@@ -85,3 +91,84 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
     return 0 if rc is None else int(rc)
+
+
+# ----------------------------------------------------------------------------- flags from a schema model
+def bool_value(text: str) -> bool:
+    """An argparse ``type`` for ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _int_value(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float_value(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+_FLAG_TYPES: dict[object, Callable[[str], object]] = {int: _int_value, float: _float_value, bool: bool_value,
+                                                      str: str}
+
+
+_METAVARS: dict[Callable[[str], object], str] = {_int_value: "N", _float_value: "X", bool_value: "{true,false}"}
+
+
+def _flag_kind(annotation: object) -> tuple[Callable[[str], object], list[object] | None]:
+    """The argparse ``type`` and ``choices`` of a field annotation (``X | None`` as ``X``)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return _FLAG_TYPES.get(type(args[0]), str), list(args)
+    if origin in (types.UnionType, typing.Union) and len(args) == 1:
+        return _flag_kind(args[0])
+    if origin is typing.Annotated:
+        return _flag_kind(args[0])
+    return _FLAG_TYPES.get(annotation, str), None  # str, or a value the model parses itself (e.g. 512x1024)
+
+
+def _default_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "none" if value is None else str(value)
+
+
+def add_schema_flags(group: argparse._ActionsContainer, model: type[BaseModel]) -> None:
+    """Add one flag per field of a schema model (a pydantic model such as ``TrainConfig``).
+
+    Each field ``batch_size`` becomes ``--batch-size``: its help is the field's description plus
+    its default, its type and choices come from the annotation (``Literal`` values are the
+    choices, ``X | None`` is read as ``X``), a bool takes ``true`` or ``false``, and a field whose
+    ``json_schema_extra`` has ``"switch": True`` is a flag without a value that sets it to true.
+    Every flag defaults to ``None`` ("not given"), so a ``--config`` file's value stays unless the
+    flag is given; :func:`schema_flag_values` collects the given ones. A field's
+    ``json_schema_extra`` may set ``"default_help"`` (how its default reads in the help) and
+    ``"metavar"``.
+    """
+    defaults = model.model_construct().model_dump(mode="json")
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        flag = "--" + name.replace("_", "-")
+        default = extra.get("default_help", _default_text(defaults.get(name)))
+        help_text = f"{info.description or name} (default: {default})".replace("%", "%%")
+        if extra.get("switch"):
+            group.add_argument(flag, dest=name, action="store_const", const=True, help=help_text)
+            continue
+        kind, choices = _flag_kind(info.annotation)
+        metavar = str(extra["metavar"]) if "metavar" in extra else (None if choices else _METAVARS.get(kind))
+        group.add_argument(flag, dest=name, type=kind, choices=choices, metavar=metavar, help=help_text)
+
+
+def schema_flag_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, object]:
+    """The fields of ``model`` given as flags in ``args`` (those not ``None``), by field name."""
+    return {name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}

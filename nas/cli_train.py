@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from search_spaces.errors import NasUserError
 from search_spaces.fileio import read_json
 
-from ._cli import NasArgumentParser, announce, run_cli
+from ._cli import NasArgumentParser, add_schema_flags, announce, run_cli, schema_flag_values
 from ._provenance import write_command
+
+if TYPE_CHECKING:
+    from supernet.train_config import TrainConfig
 
 EPILOG = """examples:
   nas-train                                         the CPU demo recipe (V2 demo space, Fashion-MNIST 32 px)
@@ -29,74 +31,38 @@ outputs (in --out): supernet.safetensors, supernet.json, train_log.csv, checkpoi
 """
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from supernet.train import TrainConfig
+    """The ``nas-train`` parser: run options, then one flag per :class:`~supernet.train.TrainConfig` field."""
+    from supernet.train_config import TrainConfig
 
-    d = TrainConfig()
     p = NasArgumentParser(prog="nas-train", description=__doc__, epilog=EPILOG)
     p.add_argument("--config", help="JSON file of settings (field names as below, with underscores); flags override it")
     p.add_argument("--out", help="run folder (default: runs/<space>-<dataset>-r<resolution>)")
     p.add_argument("--restart", action="store_true", help="discard a checkpoint or finished run in --out")
     p.add_argument("--resume", action="store_true", help="require a checkpoint in --out and continue it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("training settings")
-    g.add_argument("--space", help=f"search space (default {d.space}; see nas-info --list for presets)")
-    g.add_argument("--dataset", help=f"fashion-mnist, imagefolder:PATH or synthetic[:N] (default {d.dataset})")
-    g.add_argument("--resolution", type=int, help=f"input side in pixels (default {d.resolution})")
-    g.add_argument("--stem-stride", type=int, help="stem stride 2 or 4 (default: 2 for resolutions up to 64, for "
-                                                   "small images; else the space's ImageNet-shaped 4)")
-    g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    g.add_argument("--batch-size", type=int, help=f"global batch (default {d.batch_size})")
-    g.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {d.lr})")
-    g.add_argument("--min-lr", type=float, help=f"final learning rate of the cosine schedule (default {d.min_lr})")
-    g.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
-    g.add_argument("--warmup-epochs", type=float, help=f"default {d.warmup_epochs}")
-    g.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
-    g.add_argument("--num-random", type=int, help=f"random subnets per step (default {d.num_random})")
-    g.add_argument("--distill", type=_bool, help="in-place distillation from the largest (default true)")
-    g.add_argument("--seed", type=int, help=f"default {d.seed}")
-    g.add_argument("--train-subset", type=int, help="train on this many images only (seeded)")
-    g.add_argument("--val-size", type=int, help="validation images carved from the training set")
-    g.add_argument("--calib-batches", type=int, help=f"BN recalibration batches (default {d.calib_batches})")
-    g.add_argument("--save-every", type=int, help="also checkpoint every N steps (default: epoch ends only)")
-    g.add_argument("--device", help="cpu or cuda (default cpu)")
-    g.add_argument("--channels-last", type=_bool, help="NHWC memory format (default true)")
-    g.add_argument("--bf16", type=_bool, help="bfloat16 autocast (default: on for cuda)")
-    g.add_argument("--compile", action="store_const", const=True, help="torch.compile the supernet (GPU)")
-    g.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    add_schema_flags(p.add_argument_group("training settings"), TrainConfig)
     return p
 
 
-def resolve_config(args: argparse.Namespace) -> Any:
-    from supernet.train import TrainConfig
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The settings of ``--config`` (if given) overridden by the flags given, validated."""
+    from supernet.train_config import TrainConfig
 
-    settings: dict[str, Any] = {}
+    settings: dict[str, object] = {}
     if args.config:
         loaded = read_json(args.config, what="--config file")
         if not isinstance(loaded, dict):
             raise NasUserError(f"--config {args.config!r} must hold a JSON object of settings")
         settings.update(loaded)
-    for f in fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            settings[f.name] = value
-    try:
-        return TrainConfig.from_dict(settings)
-    except TypeError as exc:
-        raise NasUserError(f"bad training settings: {exc}") from None
+    flags = schema_flag_values(args, TrainConfig)
+    settings.update(flags)
+    return TrainConfig.from_dict(settings, source=args.config or "", flags=set(flags))
 
 
-def default_out(cfg: Any) -> Path:
+def default_out(cfg: TrainConfig) -> Path:
     dataset = cfg.dataset.split(":")[0]
-    return Path("runs") / f"{cfg.space}-{dataset}-r{cfg.resolution}"
+    return Path("runs") / f"{cfg.space}-{dataset}-r{cfg.resolution_text}"
 
 
 def _body(args: argparse.Namespace) -> int:

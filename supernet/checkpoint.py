@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Mapping, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,8 +22,11 @@ __all__ = ["save_tensors", "load_tensors", "optimizer_to_tensors", "optimizer_fr
 
 _META_KEY = "formslim"
 
+#: A JSON value as :func:`json.loads` returns it.
+JsonValue = Union[None, bool, int, float, str, list["JsonValue"], dict[str, "JsonValue"]]
 
-def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+
+def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], meta: Mapping[str, JsonValue]) -> Path:
     """Write ``tensors`` plus the JSON-able ``meta`` to one safetensors file, atomically."""
     flat = {k: v.detach().to("cpu").contiguous().clone() if _shares(v) else v.detach().to("cpu").contiguous()
             for k, v in tensors.items()}
@@ -35,7 +38,8 @@ def _shares(t: torch.Tensor) -> bool:
     return t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset() != 0
 
 
-def load_tensors(path: str | os.PathLike[str], *, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_tensors(path: str | os.PathLike[str], *,
+                 what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, JsonValue]]:
     """Read a file written by :func:`save_tensors`: ``(tensors, meta)``.
 
     Raises:
@@ -56,30 +60,39 @@ def load_tensors(path: str | os.PathLike[str], *, what: str = "checkpoint") -> t
         meta = json.loads(meta_text)
     except json.JSONDecodeError as exc:
         raise FileFormatError(f"{what} {str(path)!r} has corrupt metadata: {exc.msg}") from None
+    if not isinstance(meta, dict):
+        raise FileFormatError(f"{what} {str(path)!r} has metadata that is not a JSON object")
     return tensors, meta
 
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, JsonValue]]:
     """Split an optimizer's state dict into tensors and JSON-able param groups."""
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
+    scalars: dict[str, dict[str, JsonValue]] = {}
     for idx, state in sd["state"].items():
         for k, v in state.items():
             if torch.is_tensor(v):
                 tensors[f"opt.{idx}.{k}"] = v
             else:
                 scalars.setdefault(str(idx), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    groups = json.loads(json.dumps(sd["param_groups"]))  # as JSON values: tuples (AdamW's betas) become lists
+    meta: dict[str, JsonValue] = {"param_groups": groups, "scalars": dict(scalars)}
+    return tensors, meta
 
 
-def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
+                           meta: Mapping[str, JsonValue]) -> None:
     """Inverse of :func:`optimizer_to_tensors`, loading into ``opt``."""
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int, dict[str, torch.Tensor | JsonValue]] = {}
     for key, v in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = v
-    for idx, extra in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(extra)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scalars, groups = meta.get("scalars", {}), meta.get("param_groups")
+    if not isinstance(scalars, dict) or not isinstance(groups, list):
+        raise FileFormatError("optimizer metadata must hold `param_groups` (a list) and `scalars` (an object)")
+    for idx, extra in scalars.items():
+        if isinstance(extra, dict):
+            state.setdefault(int(idx), {}).update(extra)
+    opt.load_state_dict({"state": state, "param_groups": groups})

@@ -1,7 +1,8 @@
 """Finished supernet runs on disk: finding the latest one, validating it, loading it.
 
 A run folder is complete when it holds ``supernet.json`` (with ``"complete": true``) and
-``supernet.safetensors`` whose SHA-256 matches the one recorded in the JSON.
+``supernet.safetensors`` whose SHA-256 matches the one recorded in the JSON. ``supernet.json``
+is validated with its schema model, :class:`supernet.run_schema.SupernetFile`.
 """
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search_spaces import SearchSpace
 from search_spaces.errors import FileFormatError, NasUserError
 from search_spaces.fileio import read_json
+
+if TYPE_CHECKING:
+    from .elastic import Supernet
+    from .run_schema import SupernetFile
 
 __all__ = ["SupernetRun", "find_latest_run", "load_run", "load_supernet"]
 
@@ -22,34 +27,41 @@ _SEARCH_DEPTH = 4
 
 @dataclass(frozen=True)
 class SupernetRun:
-    """A finished ``nas-train`` run (metadata only; :func:`load_supernet` loads the weights)."""
+    """A finished ``nas-train`` run (metadata only; :func:`load_supernet` loads the weights).
+
+    Attributes:
+        path: the run folder.
+        meta: ``supernet.json`` as read (JSON values).
+        file: the same, validated.
+    """
 
     path: Path
     meta: dict[str, Any]
+    file: SupernetFile
 
     @property
     def space(self) -> SearchSpace:
-        return SearchSpace.from_dict(self.meta["space"])
+        return SearchSpace.from_dict(self.file.space)
 
     @property
     def resolution(self) -> int:
-        return int(self.meta["resolution"])
+        return self.file.resolution
 
     @property
     def num_classes(self) -> int:
-        return int(self.meta["num_classes"])
+        return self.file.num_classes
 
     @property
     def in_chans(self) -> int:
-        return int(self.meta["in_chans"])
+        return self.file.in_chans
 
     @property
     def dataset(self) -> str:
-        return str(self.meta["recipe"]["dataset"])
+        return str(self.file.recipe["dataset"])
 
     @property
     def weights_sha256(self) -> str:
-        return str(self.meta["weights_sha256"])
+        return self.file.weights_sha256
 
     @property
     def hash(self) -> str:
@@ -96,32 +108,34 @@ def load_run(path: str | os.PathLike[str], *, check_weights: bool = True) -> Sup
     Raises:
         FileFormatError: missing, incomplete or corrupt run.
     """
+    from search_spaces.schema import validate  # pydantic: loaded when a run is read, not by `import supernet`
+
+    from .run_schema import SUPERNET_SCHEMA, SupernetFile
+
     path = Path(path)
     if path.is_file() and path.name == "supernet.json":
         path = path.parent
     if not path.is_dir():
         raise FileFormatError(f"supernet run {str(path)!r} does not exist; run nas-train first")
     meta = read_json(path / "supernet.json", what="supernet.json")
-    if not isinstance(meta, dict) or meta.get("schema") != 1:
-        raise FileFormatError(f"{path / 'supernet.json'} is not a supernet.json of schema 1")
+    if not isinstance(meta, dict) or meta.get("schema") != SUPERNET_SCHEMA:
+        found = meta.get("schema") if isinstance(meta, dict) else None
+        raise FileFormatError(f"{path / 'supernet.json'} is not a supernet.json of schema {SUPERNET_SCHEMA} "
+                              f"(its schema: {found!r})")
     if not meta.get("complete"):
         raise FileFormatError(f"supernet run {str(path)!r} is incomplete; rerun its nas-train command to finish it")
-    for key in ("space", "resolution", "num_classes", "in_chans", "recipe", "weights_sha256"):
-        if key not in meta:
-            raise FileFormatError(f"{path / 'supernet.json'} is missing field {key!r}")
+    file = validate(SupernetFile, meta, source=str(path / "supernet.json"))
+    if "dataset" not in file.recipe:
+        raise FileFormatError(f"{path / 'supernet.json'}: field 'recipe' has no 'dataset'")
     weights = path / "supernet.safetensors"
     if not weights.is_file():
         raise FileFormatError(f"supernet run {str(path)!r} has no supernet.safetensors; rerun nas-train")
-    if check_weights and hashlib.sha256(weights.read_bytes()).hexdigest() != meta["weights_sha256"]:
+    if check_weights and hashlib.sha256(weights.read_bytes()).hexdigest() != file.weights_sha256:
         raise FileFormatError(f"{weights} does not match the checksum in supernet.json (modified or corrupt)")
-    try:
-        SearchSpace.from_dict(meta["space"])
-    except NasUserError as exc:
-        raise FileFormatError(f"{path / 'supernet.json'}: {exc}") from None
-    return SupernetRun(path, meta)
+    return SupernetRun(path, meta, file)
 
 
-def load_supernet(run: SupernetRun | str | os.PathLike[str], *, device: str = "cpu"):  # -> Supernet
+def load_supernet(run: SupernetRun | str | os.PathLike[str], *, device: str = "cpu") -> Supernet:
     """Build the run's supernet and load its weights (safetensors; nothing is unpickled)."""
     from .checkpoint import load_tensors
     from .elastic import Supernet

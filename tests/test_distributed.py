@@ -146,9 +146,10 @@ def flat_params(net):
 def on_step(step):
     # train() calls on_step(step) right after the optimizer step; its frame holds the supernet.
     frame_locals = inspect.currentframe().f_back.f_locals
-    if "net" not in frame_locals:
-        raise RuntimeError("train() no longer keeps its supernet in a local called 'net'; update this helper")
-    net = frame_locals["net"]
+    # the caller is the training step: a function with a local `net`, or a method of an object with `.net`
+    net = frame_locals.get("net", getattr(frame_locals.get("self"), "net", None))
+    if not isinstance(net, torch.nn.Module):
+        raise RuntimeError("on_step's caller holds no supernet as `net` or `self.net`; update this helper")
     holder["net"] = net
     rank, world = dist.get_rank(), dist.get_world_size()
     archs = [a.to_string() for a in sandwich_archs(space, seed=cfg.seed, step=step - 1, num_random=cfg.num_random)]
