@@ -5,7 +5,7 @@ A :class:`Trainer` holds one run's state. :func:`~supernet.train.train` calls, i
 1. :meth:`Trainer.prepare`: device, threads, search space, dataset and run metadata; every
    user mistake is found here, before anything is written.
 2. :meth:`Trainer.completed`: a finished run of the same settings is not trained again.
-3. :meth:`Trainer.build`: the supernet (seeded) and its AdamW optimizer.
+3. :meth:`Trainer.build`: the supernet (seeded) and its optimizer (:class:`~supernet.optim.SharedAdamW`).
 4. :meth:`Trainer.resume`: weights, optimizer, RNG, step and log from ``checkpoint.safetensors``.
 5. :meth:`Trainer.start`: BN calibration batches, the run folder, the forward function.
 6. :meth:`Trainer.run`: epochs of :meth:`Trainer.step`, each closed by :meth:`Trainer.end_epoch`
@@ -38,6 +38,7 @@ from search_spaces.schema import validate
 from .bn import evaluate, recalibrate_bn
 from .compile import CompiledSupernet
 from .checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors
+from .optim import SharedAdamW, used_region
 from .data import DatasetSplits, calibration_batches, load_dataset, make_loader
 from .elastic import SUPPORTED_FAMILIES, Supernet
 from .run_schema import SUPERNET_SCHEMA, CheckpointMeta, EpochSums, RunMeta, SupernetFile
@@ -100,10 +101,10 @@ class _Dist:
                 dist.broadcast(t.data, src=0)
 
     def average_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """All-reduce (mean) every gradient; ranks train the same archs, so the same grads exist."""
+        """All-reduce (mean) the gradients this step used; ranks train the same archs, so the same exist."""
         if self.world == 1:
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None and used_region(p) is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -208,10 +209,11 @@ class Trainer:
         no_decay = net.no_weight_decay()
         named = list(net.named_parameters())
         self.net, self.params = net, [p for _, p in named]
-        self.opt = torch.optim.AdamW(
+        # AdamW over the used regions of the shared tensors (exactly AdamW where a step uses a tensor whole)
+        self.opt = SharedAdamW(
             [{"params": [p for n, p in named if n not in no_decay], "weight_decay": cfg.weight_decay},
              {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda" or None,
+            lr=cfg.lr, betas=(0.9, 0.999),
         )
         loader = make_loader(self.splits.train, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
         self.steps_per_epoch = loader.batches_per_epoch
@@ -293,7 +295,7 @@ class Trainer:
             g["lr"] = lr
         if self.compiled is not None:
             self.compiled.begin_step()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad()  # zeroes the regions the last step used; gradients stay allocated
         archs = sandwich_archs(self.space, seed=cfg.seed, step=self.step_no, num_random=cfg.num_random)
         loss = sandwich_step(self.forward, archs, x, y, label_smoothing=cfg.label_smoothing, distill=cfg.distill,
                              bf16=self.bf16)

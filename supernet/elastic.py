@@ -30,7 +30,7 @@ from search_spaces.lowering import get_family, resolve_setup
 
 from .blocks import build_block
 from .model import StaticNet, feature_info, init_weights, tokens_to_map
-from .optim import mark_used
+from .optim import manage, mark_used
 
 __all__ = ["ElasticUnit", "Supernet", "SUPPORTED_FAMILIES", "unit_name"]
 
@@ -52,6 +52,7 @@ class _SliceWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, full: torch.Tensor, index: tuple[slice, ...]) -> torch.Tensor:  # type: ignore[override]
         ctx.full, ctx.index = full, index
+        manage(full)
         return full.detach()[index]
 
     @staticmethod
@@ -66,20 +67,20 @@ class _SliceWithGrad(torch.autograd.Function):
 
 
 def _prefix(full: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if full.shape == shape:
-        return full
+    """``full[:shape[0], :shape[1], ...]``; a parameter's gradient lands in its ``.grad`` and marks the region used."""
     if full.ndim != len(shape) or any(s > f for s, f in zip(shape, full.shape)):
         raise RuntimeError(f"cannot slice a {tuple(full.shape)} weight to {tuple(shape)}")
-    index = tuple(slice(0, s) for s in shape)
     if isinstance(full, nn.Parameter) and full.requires_grad and torch.is_grad_enabled():
-        return _SliceWithGrad.apply(full, index)
-    return full[index]
+        return _SliceWithGrad.apply(full, tuple(slice(0, s) for s in shape))
+    if full.shape == shape:
+        return full
+    return full[tuple(slice(0, s) for s in shape)]
 
 
 def _lite_proj(full: torch.Tensor, shape: torch.Size, spec: BlockSpec, max_spec: BlockSpec) -> torch.Tensor:
     """LiteMLA proj input channels are ``[scale 0: heads*dim, scale 1: heads*dim]``: not a prefix."""
     td, td_max = spec.heads * spec.value_dim, max_spec.heads * max_spec.value_dim
-    w = full[: shape[0]]
+    w = _prefix(full, torch.Size((shape[0], *full.shape[1:])))
     if td == td_max:
         return w
     return torch.cat([w[:, :td], w[:, td_max: td_max + td]], dim=1)

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["SharedAdamW", "mark_used", "used_region"]
+__all__ = ["SharedAdamW", "manage", "mark_used", "used_region"]
 
 _REGION = "_nas_used_region"
+_MANAGED = "_nas_managed"
 
 
 def mark_used(param: torch.Tensor, shape: tuple[int, ...] | torch.Size | None = None) -> None:
@@ -37,6 +38,19 @@ def mark_used(param: torch.Tensor, shape: tuple[int, ...] | torch.Size | None = 
     if old is not None:
         new = tuple(max(a, b) for a, b in zip(old, new))
     setattr(param, _REGION, new)
+
+
+def manage(param: torch.Tensor) -> None:
+    """Declare that ``param``'s uses are marked explicitly (by the supernet's slices), so that plain
+    gradient accumulation no longer marks it whole (autograd runs that hook even for a ``None``
+    gradient)."""
+    if not getattr(param, _MANAGED, False):
+        setattr(param, _MANAGED, True)
+
+
+def _mark_whole(param: torch.Tensor) -> None:
+    if not getattr(param, _MANAGED, False):
+        mark_used(param)
 
 
 def used_region(param: torch.Tensor) -> tuple[int, ...] | None:
@@ -74,7 +88,7 @@ class SharedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:  # plain autograd accumulation means the whole tensor was used
-                    p.register_post_accumulate_grad_hook(mark_used)
+                    p.register_post_accumulate_grad_hook(_mark_whole)
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool | None = None) -> None:  # type: ignore[override]
