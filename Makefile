@@ -27,7 +27,7 @@ dataset:
 	fi
 
 test: install dataset
-	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+	$(BIN)/python -m pytest -p randomly tests; rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 demo: install dataset
 	$(BIN)/python experiments/demo.py
