@@ -191,11 +191,7 @@ def test_slim_exits_3_when_nothing_meets_the_budget(work: F.Shared, tmp_path: Pa
     assert not (d / "subnet.json").exists() and not (d / "runs" / "search" / "subnet.json").exists()
     with open(d / "runs" / "search" / "path.csv", newline="") as fh:
         path = list(csv.DictReader(fh))
-    from supernet.run import load_run
-
-    # it slimmed all the way down before giving up
-    assert path[-1]["arch"] == load_run(d / F.RUN).space.smallest().to_string()
-    assert all(row["feasible"] == "False" for row in path)
+    assert path and all(row["feasible"] == "False" for row in path)   # nothing it evaluated fits
 
 
 # ============================================================================ --import of iPhone results
