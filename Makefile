@@ -39,7 +39,7 @@ postgresql:
 	fi
 
 test: install dataset postgresql
-	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+	$(BIN)/python -m pytest -p randomly tests; rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 demo: install dataset
 	$(BIN)/python experiments/demo.py

@@ -1,10 +1,11 @@
-"""Shared fixtures of the search, extraction and CLI-robustness tests (a plain module, not a conftest).
+"""Shared helpers of the tests that run the ``nas-*`` commands (a plain module; fixtures are in conftest).
 
 Everything runs as users type it: real ``nas-*`` processes in a working folder, real files.
-The working folder is built once per test session (memoised here, so every test module that
-imports it shares one): ``nas-train`` on ``synthetic:512`` at 32 px for one epoch, then
-``nas-build-lut --device local-cpu``. The default ``nas-search`` of that folder is also run once
-and shared, because the extraction tests need its ``subnet.json``.
+:func:`build_work` makes the working folder (``nas-train`` on ``synthetic:512`` at 32 px for one
+epoch, then ``nas-build-lut --device local-cpu``); :func:`build_searched`, :func:`build_extracted`
+and :func:`build_iphone` continue it in copies. conftest builds each once per session and hands
+it out as a read-only :class:`Shared` folder: a test that runs a command takes a private copy
+first (:func:`copy_folder`, :func:`copy_workdir`), and conftest fails any test that changes one.
 
 Subprocesses get ``OMP_NUM_THREADS=1`` (and ``--threads 1`` where the CLI has it): the test
 machine has two cores and other jobs run beside the tests.
@@ -33,8 +34,6 @@ DEVICE = "local-cpu"
 RESOLUTION = 32
 LUT_NAME = f"lut-{DEVICE}-{RESOLUTION}.json"
 
-_STATE: dict[str, Any] = {}
-
 
 # ----------------------------------------------------------------------------- processes
 def env() -> dict[str, str]:
@@ -58,6 +57,19 @@ def cli(name: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.Co
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def cli_many(commands: list[tuple[str, tuple[str, ...], Path]], *, timeout: float = 600,
+             workers: int = 2) -> list[subprocess.CompletedProcess[str]]:
+    """Run independent commands ``(name, args, cwd)``, ``workers`` at a time; results in the given order.
+
+    Each is one single-threaded process, so two at a time use the test machine's two cores.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(cli, name, *args, cwd=cwd, timeout=timeout) for name, args, cwd in commands]
+        return [f.result() for f in futures]
+
+
 def popen(name: str, *args: str, cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     """Start a console script in its own process group, stdout and stderr to ``log``.(out|err)."""
     out = open(f"{log}.out", "wb")
@@ -77,6 +89,37 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+
+
+def _stopped(pid: int) -> bool:
+    """True once ``pid`` is stopped (or gone): its state in /proc is T, t, Z or X."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat[stat.rindex(")") + 2] in "TtZX"
+
+
+def interrupt(proc: subprocess.Popen[bytes], *, unfinished: Callable[[], bool]) -> None:
+    """SIGKILL a run started by :func:`popen` that is provably mid-run, or fail the test.
+
+    The process group is stopped first (SIGSTOP, then wait until the kernel reports it
+    stopped); only then is ``unfinished()`` checked (e.g. "the final output file does not exist
+    yet") and the group killed. A run that finished before the stop fails the test with that
+    message, instead of passing or failing by winning a race.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and not _stopped(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    mid_run = proc.poll() is None and _stopped(proc.pid) and unfinished()
+    kill_group(proc)
+    if not mid_run:
+        pytest.fail("the run had already finished (or could not be stopped) when it was to be killed; "
+                    "make the run longer")
 
 
 def wait_for(cond: Callable[[], bool], *, proc: subprocess.Popen[bytes] | None = None, timeout: float = 120,
@@ -113,17 +156,18 @@ def tree(folder: Path) -> dict[str, tuple[int, int] | None]:
 
 
 def copy_workdir(src: Path, dst: Path, *, with_run: bool = True, with_lut: bool = True) -> Path:
-    """A fresh working folder: the supernet run (weights hard-linked, never written in place) and the LUT."""
+    """A fresh working folder: a copy of the supernet run and of the local-cpu LUT (files copied, never linked)."""
     dst.mkdir(parents=True, exist_ok=True)
     if with_run:
-        def link_or_copy(a: str, b: str) -> None:
-            if a.endswith(".safetensors"):
-                os.link(a, b)
-            else:
-                shutil.copy2(a, b)
-        shutil.copytree(src / RUN, dst / RUN, copy_function=link_or_copy)
+        shutil.copytree(src / RUN, dst / RUN, copy_function=shutil.copy2)
     if with_lut:
         shutil.copy2(src / LUT_NAME, dst / LUT_NAME)
+    return dst
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    """A private copy of a whole shared folder (every file copied: nothing is shared with the original)."""
+    shutil.copytree(src, dst, copy_function=shutil.copy2, symlinks=False, dirs_exist_ok=True)
     return dst
 
 
@@ -160,15 +204,38 @@ def check_folder_integrity(folder: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
-# ----------------------------------------------------------------------------- the shared working folder
+
+# ----------------------------------------------------------------------------- the shared, read-only folders
+def fingerprint(folder: Path) -> dict[str, str | None]:
+    """Every path under ``folder`` (relative) -> SHA-256 of the file, None for folders; no __pycache__."""
+    return {rel: (None if meta is None else sha256(folder / rel)) for rel, meta in tree(folder).items()}
+
+
+def _diff(before: dict[str, Any], after: dict[str, Any]) -> str:
+    new = sorted(set(after) - set(before))
+    gone = sorted(set(before) - set(after))
+    changed = sorted(k for k in before if k in after and before[k] != after[k])
+    return f"new {new[:8]}, removed {gone[:8]}, changed {changed[:8]}"
+
+
 @dataclass
-class Work:
-    """The shared working folder (cwd of every command), with what was built in it."""
+class Shared:
+    """A working folder built once per session and then only read (conftest checks that).
+
+    Attributes:
+        path: the folder (the cwd of the commands that built it).
+        procs: the commands that built it, by name (``train``, ``lut``, ``search``, ...).
+        info: what the build chose (e.g. the search ``budget``).
+        snapshot: :func:`tree` of the folder when it was built (paths, sizes, mtimes).
+        digests: :func:`fingerprint` of the folder when it was built.
+        cache: pure functions of the folder's files, computed once (e.g. :func:`space_extremes`).
+    """
 
     path: Path
-    train: subprocess.CompletedProcess[str]
-    lut: subprocess.CompletedProcess[str]
-    seconds: float
+    procs: dict[str, subprocess.CompletedProcess[str]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    snapshot: dict[str, Any] = field(default_factory=dict)
+    digests: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -179,27 +246,68 @@ class Work:
     def lut_path(self) -> Path:
         return self.path / LUT_NAME
 
+    def seal(self) -> Shared:
+        """Record the folder as built: from now on it must not change."""
+        self.snapshot, self.digests = tree(self.path), fingerprint(self.path)
+        return self
 
-def get_work(factory: pytest.TempPathFactory) -> Work:
-    """The shared working folder, built on first use (nas-train + nas-build-lut, real processes)."""
-    if "work" in _STATE:
-        return _STATE["work"]
-    if "work_error" in _STATE:
-        pytest.fail(_STATE["work_error"])
-    root = factory.mktemp("nas-work")
-    t0 = time.monotonic()
-    train = cli("nas-train", *TRAIN_ARGS, "--out", RUN, "--no-progress", cwd=root, timeout=300)
-    if train.returncode != 0:
-        _STATE["work_error"] = f"nas-train failed: {describe(train)}"
-        pytest.fail(_STATE["work_error"])
-    lut = cli("nas-build-lut", "--device", DEVICE, "--no-progress", cwd=root, timeout=300)
-    if lut.returncode != 0 or not (root / LUT_NAME).is_file():
-        _STATE["work_error"] = f"nas-build-lut failed: {describe(lut)}"
-        pytest.fail(_STATE["work_error"])
-    _STATE["work"] = Work(root, train, lut, time.monotonic() - t0)
-    return _STATE["work"]
+    def check_unchanged(self, *, deep: bool = False) -> None:
+        """Fail when anything under the folder changed since :meth:`seal` (``deep``: compare SHA-256s)."""
+        now = tree(self.path)
+        if now != self.snapshot:
+            before, self.snapshot = self.snapshot, now   # later tests answer only for their own writes
+            pytest.fail(f"the shared folder {self.path} was written to (tests must work in a copy): "
+                        f"{_diff(before, now)}")
+        if deep:
+            digests = fingerprint(self.path)
+            if digests != self.digests:
+                pytest.fail(f"a file of the shared folder {self.path} was rewritten: {_diff(self.digests, digests)}")
 
 
+def _must(r: subprocess.CompletedProcess[str], what: str) -> subprocess.CompletedProcess[str]:
+    if r.returncode != 0 or "Traceback" in r.stderr + r.stdout:
+        pytest.fail(f"{what} failed: {describe(r)}")
+    return r
+
+
+def build_work(root: Path) -> Shared:
+    """nas-train + nas-build-lut --device local-cpu in ``root`` (real processes)."""
+    train = _must(cli("nas-train", *TRAIN_ARGS, "--out", RUN, "--no-progress", cwd=root, timeout=300), "nas-train")
+    lut = _must(cli("nas-build-lut", "--device", DEVICE, "--no-progress", cwd=root, timeout=300), "nas-build-lut")
+    if not (root / LUT_NAME).is_file():
+        pytest.fail(f"nas-build-lut wrote no {LUT_NAME}: {describe(lut)}")
+    return Shared(root, {"train": train, "lut": lut}).seal()
+
+
+def build_searched(work: Shared, root: Path) -> Shared:
+    """``nas-search --latency <X>ms --max-params <Y>K`` typed exactly like that, in a copy of ``work``."""
+    copy_folder(work.path, root)
+    b = budget(work)
+    r = _must(cli("nas-search", "--latency", b.latency_text, "--max-params", b.params_text, cwd=root, timeout=600),
+              "the default nas-search")
+    return Shared(root, {"search": r}, {"budget": b}).seal()
+
+
+def build_extracted(searched: Shared, root: Path) -> Shared:
+    """``nas-extract subnet.json`` as typed, in a copy of ``searched``; ``info["folder"]`` is what it wrote."""
+    import re
+
+    copy_folder(searched.path, root)
+    r = _must(cli("nas-extract", "subnet.json", cwd=root, timeout=600), "nas-extract subnet.json")
+    m = re.search(r"^extracted model: (\S+)$", r.stdout, flags=re.M)
+    if not m or not (root / m.group(1)).is_dir():
+        pytest.fail(f"nas-extract did not name the folder it wrote: {describe(r)}")
+    return Shared(root, {"extract": r}, {"folder": root / m.group(1)}).seal()
+
+
+def build_iphone(work: Shared, root: Path) -> Shared:
+    """``nas-build-lut --device iphone12`` as typed (bundle + predicted LUT), in a copy of ``work``."""
+    copy_workdir(work.path, root)   # the run and a local-cpu LUT, like after make demo
+    r = _must(cli("nas-build-lut", "--device", "iphone12", cwd=root, timeout=900), "nas-build-lut --device iphone12")
+    return Shared(root, {"lut": r}).seal()
+
+
+# ----------------------------------------------------------------------------- budgets
 @dataclass
 class Budget:
     """A latency and parameter budget between the space's smallest and largest configs."""
@@ -214,7 +322,7 @@ class Budget:
     largest_params: int
 
 
-def space_extremes(work: Work) -> dict[str, Any]:
+def space_extremes(work: Shared) -> dict[str, Any]:
     """Predicted latency (from the LUT, with latency.predict_latency) and exact params of the extremes."""
     if "extremes" in work.cache:
         return work.cache["extremes"]
@@ -233,11 +341,13 @@ def space_extremes(work: Work) -> dict[str, Any]:
     return out
 
 
-def budget(work: Work) -> Budget:
+def budget(work: Shared) -> Budget:
     """X strictly between the smallest and largest predicted latency (near the top, so slimming is short).
 
-    The slim search always continues 3 steps after the budgets are met and evaluates every
-    action per step, so a budget near the largest config keeps the typed command short.
+    The default slim search evaluates every action per step and continues 3 steps after the
+    budgets are met, so a budget near the largest config keeps the typed command short. The
+    largest config still violates both (params: largest - 1000). Budgets that bind hard are
+    in test_search_budgets.py.
     """
     ex = space_extremes(work)
     (_, s_ms, s_p), (_, l_ms, l_p) = ex["smallest"], ex["largest"]
@@ -248,17 +358,20 @@ def budget(work: Work) -> Budget:
     return Budget(x, y_k * 1000, f"{x:.4f}ms", f"{y_k}K", s_ms, l_ms, s_p, l_p)
 
 
-def default_search(work: Work) -> tuple[Budget, subprocess.CompletedProcess[str]]:
-    """``nas-search --latency <X>ms --max-params <Y>K`` typed exactly like that, once per session."""
-    if "search" not in work.cache:
-        b = budget(work)
-        r = cli("nas-search", "--latency", b.latency_text, "--max-params", b.params_text, cwd=work.path,
-                timeout=600)
-        work.cache["search"] = (b, r)
-    b, r = work.cache["search"]
-    if r.returncode != 0:
-        pytest.fail(f"the default nas-search failed: {describe(r)}")
-    return b, r
+def binding_budget(work: Shared, *, way: float = 0.4, params_fraction: float = 0.5) -> Budget:
+    """A budget that binds: latency ``way`` of the way from the smallest to the largest config, params a fraction of the largest's.
+
+    Not 40% of the largest config's latency: at 32 px fixed per-block costs dominate, and the
+    smallest config alone takes 35-40% of the largest's time (README: 0.142 vs 0.381 ms), so
+    that budget would leave the smallest config or nothing. 40% of the way leaves about half
+    of the space's random configs feasible (checked by the tests that use it).
+    """
+    ex = space_extremes(work)
+    (_, s_ms, s_p), (_, l_ms, l_p) = ex["smallest"], ex["largest"]
+    x = float(f"{s_ms + way * (l_ms - s_ms):.4f}")
+    y_k = int(params_fraction * l_p) // 1000
+    assert s_ms < x < l_ms and s_p < y_k * 1000 < l_p, ex
+    return Budget(x, y_k * 1000, f"{x:.4f}ms", f"{y_k}K", s_ms, l_ms, s_p, l_p)
 
 
 def lines(text: str) -> list[str]:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+import _fixtures_search as F
 from latency import LatencyTable
 from nas.cli_build_lut import main
 from search_spaces import SearchSpace, StageChoices
@@ -97,22 +96,21 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     out = tmp_path / "lut-local-cpu-32.json"
     args = [*DEMO, "--device", "local-cpu", "--jobs", "1", "--no-progress", "--checkpoint-every", "0.2"]
     proc = subprocess.Popen([sys.executable, "-m", "nas.cli_build_lut", *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    partial: dict[str, object] = {}
-    deadline = time.monotonic() + 120
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def partial() -> bool:
+        if not out.is_file():
+            return False
+        data = json.loads(out.read_text())
+        return 16 <= len(data["entries"]) and not data["complete"]
+
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if out.is_file():
-                data = json.loads(out.read_text())
-                if 16 <= len(data["entries"]) and not data["complete"]:
-                    partial = data["entries"]
-                    break
-            time.sleep(0.05)
+        F.wait_for(partial, proc=proc, what="a partial LUT of at least 16 entries")
+        F.interrupt(proc, unfinished=lambda: not json.loads(out.read_text())["complete"])
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    assert partial, "the build finished before it could be killed, or never saved a partial LUT"
+        F.kill_group(proc)
     saved = json.loads(out.read_text())["entries"]  # the file on disk after the kill
+    assert 16 <= len(saved) < 91
     assert LatencyTable.load(out).complete is False
     again = cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr

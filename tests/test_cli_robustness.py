@@ -1,15 +1,18 @@
 """Robustness of the five command-line tools (issue 7).
 
 1. Bad input: for each CLI, a table of bad inputs, each run as a real process in a fresh copy of
-   the working folder (supernet run, LUT, a valid subnet.json). Each must exit with code 2,
+   the working folder (supernet run, LUT, a valid subnet.json), one test per case. The cases'
+   processes run two at a time ahead of their tests, each under its own timeout, and each test
+   waits only for its own case, so a case that hangs fails alone. Each must exit with code 2,
    print exactly one error line (``<prog>: error: ...``) that names the problem (a keyword
    per case), print no traceback, and leave the folder exactly as it was (no new files or
    folders, no file changed). The only other lines allowed on stderr are the tool's own
    ``<prog>: ...`` notices of the defaults it chose (DESIGN: defaults are announced); a log
    line, a warning or a traceback is a second line and fails the case.
-2. SIGKILL: ``nas-train``, ``nas-build-lut`` and ``nas-search`` are killed mid-run; the same
-   command run again finishes with exit 0, and no output file is ever truncated (every JSON
-   parses, every safetensors file opens, no temporary file remains).
+2. SIGKILL: ``nas-train``, ``nas-build-lut`` and ``nas-search`` are killed mid-run (stopped first,
+   and killed only once it is proven that they had not finished: :func:`_fixtures_search.interrupt`);
+   the same command run again finishes with exit 0, and no output file is ever truncated (every
+   JSON parses, every safetensors file opens, no temporary file remains).
 3. No pickle: our own sources never unpickle (no pickle imports, ``torch.load`` only with
    ``weights_only=True``, no ``np.load(..., allow_pickle=True)``, no ``torch.save``).
 """
@@ -21,9 +24,10 @@ import re
 import shutil
 import signal
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -31,11 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _fixtures_search as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def work(tmp_path_factory: pytest.TempPathFactory) -> F.Work:
-    return F.get_work(tmp_path_factory)
 
 
 # ============================================================================ case set-up helpers
@@ -129,7 +128,6 @@ def _truncated_subnet(d: Path) -> None:
 def _corrupt_weights(d: Path) -> None:
     p = d / F.RUN / "supernet.safetensors"
     data = p.read_bytes()
-    p.unlink()   # a hard link to the shared run: never write it in place
     p.write_bytes(data[: len(data) // 2])
 
 
@@ -151,15 +149,23 @@ def _valid_subnet(d: Path) -> None:
 NOTICE_OK = "the tool's own notices"
 
 
-def _run_bad_input(case: Case, work: F.Work, folder: Path) -> list[str]:
+CASE_TIMEOUT_S = 240
+
+
+def _run_bad_input(case: Case, work: F.Shared, folder: Path) -> list[str]:
     """Run one case in a fresh copy of the working folder; return the problems found (none: pass)."""
+    import subprocess
+
     prog = case.prog
     d = F.copy_workdir(work.path, folder)
     _valid_subnet(d)
     if case.setup is not None:
         case.setup(d)
     before = F.tree(d)
-    r = F.cli(prog, *case.args, cwd=d, timeout=240)
+    try:
+        r = F.cli(prog, *case.args, cwd=d, timeout=CASE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return [f"did not finish within {CASE_TIMEOUT_S} s: {prog} {' '.join(case.args)}"]
     after = F.tree(d)
 
     problems = []
@@ -193,24 +199,28 @@ def _run_bad_input(case: Case, work: F.Work, folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bad_input_results(request: pytest.FixtureRequest, work: F.Work,
-                      tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], list[str]]:
-    """Run every selected bad-input case once, two at a time (each is a short-lived process)."""
-    from concurrent.futures import ThreadPoolExecutor
+def bad_input_runs(request: pytest.FixtureRequest, work: F.Shared,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, str], Future]]:
+    """Start every selected bad-input case, two at a time, in the order their tests will run.
 
+    Each case is one short-lived process with its own timeout; its test waits for that case
+    alone, so a case that hangs or errors fails only its own test.
+    """
     cases = []
     for item in request.session.items:
         case = getattr(item, "callspec", None) and item.callspec.params.get("case")
         if isinstance(case, Case) and case.prog and case not in cases:
             cases.append(case)
     root = tmp_path_factory.mktemp("bad-input")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {(c.prog, c.id): pool.submit(_run_bad_input, c, work, root / f"{c.prog}-{c.id}") for c in cases}
-    return {key: fut.result() for key, fut in futures.items()}
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        yield {(c.prog, c.id): pool.submit(_run_bad_input, c, work, root / f"{c.prog}-{c.id}") for c in cases}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _check(case: Case, results: dict[tuple[str, str], list[str]]) -> None:
-    problems = results[(case.prog, case.id)]
+def _check(case: Case, runs: dict[tuple[str, str], Future]) -> None:
+    problems = runs[(case.prog, case.id)].result(timeout=2 * CASE_TIMEOUT_S)
     assert not problems, f"{case.prog} [{case.id}]:\n  - " + "\n  - ".join(problems)
 
 
@@ -248,8 +258,8 @@ TRAIN_CASES = [c.of("nas-train") for c in TRAIN_CASES]
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=_ids(TRAIN_CASES))
-def test_nas_train_bad_input(case: Case, bad_input_results: dict) -> None:
-    _check(case, bad_input_results)
+def test_nas_train_bad_input(case: Case, bad_input_runs: dict) -> None:
+    _check(case, bad_input_runs)
 
 
 # ============================================================================ nas-build-lut
@@ -277,8 +287,8 @@ LUT_CASES = [c.of("nas-build-lut") for c in LUT_CASES]
 
 
 @pytest.mark.parametrize("case", LUT_CASES, ids=_ids(LUT_CASES))
-def test_nas_build_lut_bad_input(case: Case, bad_input_results: dict) -> None:
-    _check(case, bad_input_results)
+def test_nas_build_lut_bad_input(case: Case, bad_input_runs: dict) -> None:
+    _check(case, bad_input_runs)
 
 
 # ============================================================================ nas-search
@@ -306,8 +316,8 @@ SEARCH_CASES = [c.of("nas-search") for c in SEARCH_CASES]
 
 
 @pytest.mark.parametrize("case", SEARCH_CASES, ids=_ids(SEARCH_CASES))
-def test_nas_search_bad_input(case: Case, bad_input_results: dict) -> None:
-    _check(case, bad_input_results)
+def test_nas_search_bad_input(case: Case, bad_input_runs: dict) -> None:
+    _check(case, bad_input_runs)
 
 
 # ============================================================================ nas-extract
@@ -333,8 +343,8 @@ EXTRACT_CASES = [c.of("nas-extract") for c in EXTRACT_CASES]
 
 
 @pytest.mark.parametrize("case", EXTRACT_CASES, ids=_ids(EXTRACT_CASES))
-def test_nas_extract_bad_input(case: Case, bad_input_results: dict) -> None:
-    _check(case, bad_input_results)
+def test_nas_extract_bad_input(case: Case, bad_input_runs: dict) -> None:
+    _check(case, bad_input_runs)
 
 
 # ============================================================================ nas-info
@@ -359,8 +369,8 @@ INFO_CASES = [c.of("nas-info") for c in INFO_CASES]
 
 
 @pytest.mark.parametrize("case", INFO_CASES, ids=_ids(INFO_CASES))
-def test_nas_info_bad_input(case: Case, bad_input_results: dict) -> None:
-    _check(case, bad_input_results)
+def test_nas_info_bad_input(case: Case, bad_input_runs: dict) -> None:
+    _check(case, bad_input_runs)
 
 
 # ============================================================================ SIGKILL and rerun
@@ -381,16 +391,19 @@ def test_kill_nas_train_then_rerun(tmp_path: Path) -> None:
 
     d = tmp_path / "w"
     d.mkdir()
-    args = [*F.TRAIN_ARGS, "--dataset", "synthetic:256", "--batch-size", "32", "--epochs", "2", "--save-every", "2",
+    # 14 steps, a checkpoint after each: killed after the first, with 13 steps and two evaluations to go
+    args = [*F.TRAIN_ARGS, "--dataset", "synthetic:256", "--batch-size", "32", "--epochs", "2", "--save-every", "1",
             "--out", "runs/k", "--no-progress"]
     ckpt = d / "runs" / "k" / "checkpoint.safetensors"
+    final = d / "runs" / "k" / "supernet.json"
     p = F.popen("nas-train", *args, cwd=d, log=tmp_path / "train")
     try:
         F.wait_for(ckpt.is_file, proc=p, what="the first checkpoint")
+        F.interrupt(p, unfinished=lambda: not final.exists())
     finally:
         F.kill_group(p)
-    assert p.returncode == -signal.SIGKILL, "nas-train finished before it could be killed"
-    assert not (d / "runs" / "k" / "supernet.json").exists()
+    assert p.returncode == -signal.SIGKILL
+    assert not final.exists()
     _check_not_truncated(d)
 
     r = F.cli("nas-train", *args, cwd=d)
@@ -401,18 +414,19 @@ def test_kill_nas_train_then_rerun(tmp_path: Path) -> None:
     F.check_folder_integrity(d)
 
 
-def test_kill_nas_build_lut_then_rerun(work: F.Work, tmp_path: Path) -> None:
+def test_kill_nas_build_lut_then_rerun(work: F.Shared, tmp_path: Path) -> None:
     from latency import LatencyTable
 
     d = F.copy_workdir(work.path, tmp_path / "w", with_lut=False)
-    args = ["--device", "local-cpu", "--checkpoint-every", "1", "--no-progress"]
+    args = ["--device", "local-cpu", "--checkpoint-every", "0.2", "--no-progress"]
     lut = d / F.LUT_NAME
     p = F.popen("nas-build-lut", *args, cwd=d, log=tmp_path / "lut")
     try:
         F.wait_for(lut.is_file, proc=p, what="the partial LUT")
+        F.interrupt(p, unfinished=lambda: not LatencyTable.load(lut).complete)
     finally:
         F.kill_group(p)
-    assert p.returncode == -signal.SIGKILL, "nas-build-lut finished before it could be killed"
+    assert p.returncode == -signal.SIGKILL
     _check_not_truncated(d)
     partial = LatencyTable.load(lut)
     assert 0 < len(partial) < partial.expected_entries and not partial.complete
@@ -427,7 +441,7 @@ def test_kill_nas_build_lut_then_rerun(work: F.Work, tmp_path: Path) -> None:
     F.check_folder_integrity(d)
 
 
-def test_kill_nas_search_then_rerun(work: F.Work, tmp_path: Path) -> None:
+def test_kill_nas_search_then_rerun(work: F.Shared, tmp_path: Path) -> None:
     import optuna
 
     from search_spaces.subnet_file import SubnetFile
@@ -440,9 +454,10 @@ def test_kill_nas_search_then_rerun(work: F.Work, tmp_path: Path) -> None:
     p = F.popen("nas-search", *args, cwd=d, log=tmp_path / "search")
     try:
         F.wait_for(cache.is_file, proc=p, what="the accuracy cache")
+        F.interrupt(p, unfinished=lambda: not (d / "runs" / "k" / "search.json").exists())
     finally:
         F.kill_group(p)
-    assert p.returncode == -signal.SIGKILL, "nas-search finished before it could be killed"
+    assert p.returncode == -signal.SIGKILL
     _check_not_truncated(d)
 
     r = F.cli("nas-search", *args, cwd=d)

@@ -1,9 +1,10 @@
 """Tests of the search: budgets in human units, MES, and ``nas-search`` as users type it.
 
 The command-line tests run real ``nas-search`` processes (real optuna studies in SQLite, real
-files) in the shared working folder of ``_fixtures_search`` (a supernet trained on synthetic
-data for one epoch and a local-cpu LUT measured here). Nothing is mocked and nothing asserts
-on a timing.
+files) on the shared working folder of conftest (a supernet trained on synthetic data for one
+epoch and a local-cpu LUT measured here): the default search is read from the read-only
+``searched`` folder, and every other command runs in a private copy. Nothing is mocked and
+nothing asserts on a timing. Budgets that bind hard are in test_search_budgets.py.
 """
 from __future__ import annotations
 
@@ -22,11 +23,6 @@ from nas.objectives import Budgets, MesWeights, mes  # noqa: E402
 from nas.search import Candidate, arch_from_params, pareto_front  # noqa: E402
 from search_spaces import ArchConfig, get_space  # noqa: E402
 from search_spaces.errors import NasUserError  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def work(tmp_path_factory: pytest.TempPathFactory) -> F.Work:
-    return F.get_work(tmp_path_factory)
 
 
 # ============================================================================ budgets and units
@@ -151,19 +147,20 @@ def test_pareto_front_keeps_only_non_dominated() -> None:
 
 
 # ============================================================================ nas-search as users type it
-def _search_dir(work: F.Work) -> Path:
-    return work.path / "runs" / "search"
+def _search_dir(folder: F.Shared) -> Path:
+    return folder.path / "runs" / "search"
 
 
-def test_default_search_writes_a_valid_subnet_within_budget(work: F.Work) -> None:
+def test_default_search_writes_a_valid_subnet_within_budget(searched: F.Shared) -> None:
     from latency import LatencyTable, predict_latency
     from search_spaces import count_params
     from search_spaces.subnet_file import SubnetFile
     from supernet.run import load_run
 
-    b, r = F.default_search(work)
+    work = searched
+    b, r = searched.info["budget"], searched.procs["search"]
     assert "Traceback" not in r.stderr + r.stdout
-    out = _search_dir(work)
+    out = _search_dir(searched)
     for name in ("subnet.json", "pareto.csv", "pareto.png", "pareto.html", "search.json", "path.csv"):
         assert (out / name).is_file(), f"runs/search/{name} missing; {F.describe(r)}"
     assert (work.path / "subnet.json").is_file(), "subnet.json was not copied into the working folder"
@@ -221,28 +218,29 @@ def test_default_search_writes_a_valid_subnet_within_budget(work: F.Work) -> Non
     assert "<svg" in page and sub.arch.to_string() in page
 
 
-def test_search_progress_lines_are_not_printed_twice(work: F.Work) -> None:
-    _, r = F.default_search(work)
+def test_search_progress_lines_are_not_printed_twice(searched: F.Shared) -> None:
+    r = searched.procs["search"]
     steps = [ln for ln in F.lines(r.stderr) if ln.startswith("slim step ")]
     assert steps, r.stderr
     assert len(steps) == len(set(steps)), "every slim step is printed twice on stderr:\n" + "\n".join(steps[:6])
 
 
-def test_rerun_reuses_the_accuracy_cache(work: F.Work) -> None:
+def test_rerun_reuses_the_accuracy_cache(searched: F.Shared, tmp_path: Path) -> None:
     from search_spaces.subnet_file import SubnetFile
 
-    b, first = F.default_search(work)
-    first_arch = SubnetFile.load(work.path / "subnet.json").arch
-    cache = _search_dir(work) / "accuracy_cache.jsonl"
+    b = searched.info["budget"]
+    d = F.copy_folder(searched.path, tmp_path / "w")
+    first_arch = SubnetFile.load(d / "subnet.json").arch
+    cache = d / "runs" / "search" / "accuracy_cache.jsonl"
     n_cached = len(cache.read_text().splitlines())
-    assert n_cached == json.loads((_search_dir(work) / "search.json").read_text())["evaluated"]
-    r = F.cli("nas-search", "--latency", b.latency_text, "--max-params", b.params_text, cwd=work.path)
+    assert n_cached == json.loads((d / "runs" / "search" / "search.json").read_text())["evaluated"]
+    r = F.cli("nas-search", "--latency", b.latency_text, "--max-params", b.params_text, cwd=d)
     assert r.returncode == 0, F.describe(r)
     assert f"{n_cached} cached accuracies" in r.stderr
-    assert json.loads((_search_dir(work) / "search.json").read_text())["evaluated"] == 0
+    assert json.loads((d / "runs" / "search" / "search.json").read_text())["evaluated"] == 0
     assert "(0 newly evaluated)" in r.stdout
     assert len(cache.read_text().splitlines()) == n_cached
-    assert SubnetFile.load(work.path / "subnet.json").arch == first_arch
+    assert SubnetFile.load(d / "subnet.json").arch == first_arch
 
 
 def _study(folder: Path):
@@ -258,44 +256,48 @@ def _complete(study) -> list:
     return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def _nsga2_args(work: F.Work, out: str, n_trials: int) -> list[str]:
+def _nsga2_args(work: F.Shared, out: str, n_trials: int) -> list[str]:
     ex = F.space_extremes(work)
-    loose = f"{ex['largest'][1] * 1.01:.4f}ms"   # every config fits: the run must never end with exit 3
+    # Every config fits: these tests are about resuming and sharing a study, and must never end with
+    # exit 3. NSGA-II under budgets that bind is tested in test_search_budgets.py.
+    loose = f"{ex['largest'][1] * 1.01:.4f}ms"
     return ["--latency", loose, "--strategy", "nsga2", "--n-trials", str(n_trials), "--population-size", "4",
             "--calib-batches", "1", "--threads", "1", "--out", out]
 
 
-def test_nsga2_resumes_its_study(work: F.Work) -> None:
+def test_nsga2_resumes_its_study(work: F.Shared, tmp_path: Path) -> None:
     from search_spaces.subnet_file import SubnetFile
     from supernet.run import load_run
 
+    d = F.copy_workdir(work.path, tmp_path / "w")
     out = "runs/nsga2-resume"
-    r = F.cli("nas-search", *_nsga2_args(work, out, 6), cwd=work.path)
+    r = F.cli("nas-search", *_nsga2_args(work, out, 6), cwd=d)
     assert r.returncode == 0, F.describe(r)
-    assert len(_complete(_study(work.path / out))) == 6
-    r = F.cli("nas-search", *_nsga2_args(work, out, 12), cwd=work.path)
+    assert len(_complete(_study(d / out))) == 6
+    r = F.cli("nas-search", *_nsga2_args(work, out, 12), cwd=d)
     assert r.returncode == 0, F.describe(r)
-    study = _study(work.path / out)
+    study = _study(d / out)
     assert len(_complete(study)) == 12
     assert len(study.get_trials(deepcopy=False)) == 12, "a resumed study ran more trials than asked for"
     reported = [int(n) for n in re.findall(r"^trial (\d+):", r.stderr, flags=re.M)]
     assert sorted(reported) == list(range(6, 12)), "the rerun must run only the 6 missing trials"
-    space = load_run(work.run_dir).space
+    space = load_run(d / F.RUN).space
     for t in _complete(study):
         arch = ArchConfig.from_string(t.user_attrs["arch"])
         assert space.why_not(arch) is None
         assert set(t.user_attrs["candidate"]) >= {"accuracy", "params", "latency_ms", "violations"}
-    sub = SubnetFile.load(work.path / out / "subnet.json")
+    sub = SubnetFile.load(d / out / "subnet.json")
     assert sub.provenance["search"]["strategy"] == "nsga2"
     best = max(_complete(study), key=lambda t: t.values[0])
     assert sub.metrics["proxy_accuracy"] == pytest.approx(best.values[0])
-    F.check_folder_integrity(work.path / out)
+    F.check_folder_integrity(d / out)
 
 
-def test_two_workers_share_one_study(work: F.Work, tmp_path: Path) -> None:
+def test_two_workers_share_one_study(work: F.Shared, tmp_path: Path) -> None:
+    d = F.copy_workdir(work.path, tmp_path / "w")
     out = "runs/nsga2-workers"
     args = _nsga2_args(work, out, 16)
-    procs = [F.popen("nas-search", *args, "--seed", str(seed), cwd=work.path, log=tmp_path / f"worker{seed}")
+    procs = [F.popen("nas-search", *args, "--seed", str(seed), cwd=d, log=tmp_path / f"worker{seed}")
              for seed in (1, 2)]
     try:
         for p in procs:
@@ -308,7 +310,7 @@ def test_two_workers_share_one_study(work: F.Work, tmp_path: Path) -> None:
     for p, err in zip(procs, errs):
         assert p.returncode == 0, f"a worker exited with {p.returncode}:\n{err[-4000:]}"
         assert "Traceback" not in err
-    study = _study(work.path / out)
+    study = _study(d / out)
     done = _complete(study)
     assert len(done) >= 16
     import optuna
@@ -318,16 +320,17 @@ def test_two_workers_share_one_study(work: F.Work, tmp_path: Path) -> None:
     assert all(per_worker), f"both workers must run trials of the shared study, got {per_worker}"
     assert not per_worker[0] & per_worker[1], "two workers ran the same trial"
     assert per_worker[0] | per_worker[1] == {t.number for t in done}
-    F.check_folder_integrity(work.path / out)
+    F.check_folder_integrity(d / out)
 
 
 _OPEN_STORAGE = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 import optuna
 from nas.search_run import _storage
-go, url = Path(sys.argv[1]), sys.argv[2]
-while not go.exists():
+folder, url = Path(sys.argv[1]), sys.argv[2]
+(folder / f"ready-{os.getpid()}").touch()   # at the barrier
+while not (folder / "go").exists():
     time.sleep(0.001)
 optuna.create_study(study_name="nas-search", storage=_storage(url), load_if_exists=True,
                     directions=["maximize", "minimize", "minimize"])
@@ -338,32 +341,48 @@ def test_workers_starting_together_can_open_a_fresh_sqlite_study(tmp_path: Path)
     """The default storage of several workers (DESIGN 6): the SQLite file is created by whoever comes first.
 
     Six processes open the same new ``study.db`` at the same moment, through the helper
-    ``run_search`` uses for ``--storage``'s default, then create-or-load the study.
+    ``run_search`` uses for ``--storage``'s default, then create-or-load the study. Each
+    process marks its arrival at the barrier with a file; the barrier opens only once all six
+    files exist, so all six were waiting when it opened.
     """
     import subprocess
-    import time
+
+    import optuna
 
     for attempt in range(2):
         folder = tmp_path / f"round{attempt}"
         folder.mkdir()
-        go = folder / "go"
         url = f"sqlite:///{folder / 'study.db'}"
-        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_STORAGE, str(go), url], env=F.env(),
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_STORAGE, str(folder), url], env=F.env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
-        time.sleep(3.0)   # every process is waiting at the barrier
-        go.touch()
-        results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
-        failed = [err.strip().splitlines()[-1] for rc, err in results if rc != 0]
+        try:
+            F.wait_for(lambda: len(list(folder.glob("ready-*"))) == 6, timeout=180,
+                       what="all six processes at the barrier")
+            running = [p.poll() is None for p in procs]
+            assert all(running), f"a process left the barrier before it opened: {running}"
+            assert not (folder / "study.db").exists(), "the database was created before the barrier opened"
+            (folder / "go").touch()
+            results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        failed = [(err.strip().splitlines() or ["(no output)"])[-1] for rc, err in results if rc != 0]
         assert not failed, f"{len(failed)} of 6 workers could not open a new SQLite study: {failed}"
+        assert {p.pid for p in procs} == {int(f.name.split("-")[1]) for f in folder.glob("ready-*")}
+        summaries = optuna.get_all_study_summaries(storage=url)
+        assert [s.study_name for s in summaries] == ["nas-search"], "one study, created once"
 
 
-def test_infeasible_budgets_exit_3_naming_the_reachable_minimum(work: F.Work) -> None:
+def test_infeasible_budgets_exit_3_naming_the_reachable_minimum(work: F.Shared, tmp_path: Path) -> None:
     ex = F.space_extremes(work)
     _, s_ms, s_params = ex["smallest"]
-    out = work.path / "runs" / "infeasible"
+    d = F.copy_workdir(work.path, tmp_path / "w")
+    out = d / "runs" / "infeasible"
     r = F.cli("nas-search", "--latency", "0.000001ms", "--strategy", "nsga2", "--n-trials", "2",
               "--population-size", "2", "--calib-batches", "1", "--threads", "1", "--out", "runs/infeasible",
-              cwd=work.path)
+              cwd=d)
     assert r.returncode == 3, F.describe(r)
     assert "Traceback" not in r.stderr + r.stdout
     msg = [ln for ln in F.lines(r.stderr) if "no subnet meets the budgets" in ln]
@@ -372,17 +391,18 @@ def test_infeasible_budgets_exit_3_naming_the_reachable_minimum(work: F.Work) ->
     assert not (out / "subnet.json").exists()
 
 
-def test_unknown_device_in_multi_device_budget_exits_2(work: F.Work) -> None:
+def test_unknown_device_in_multi_device_budget_exits_2(work: F.Shared, tmp_path: Path) -> None:
     b = F.budget(work)
-    before = F.tree(work.path)
+    d = F.copy_workdir(work.path, tmp_path / "w")
+    before = F.tree(d)
     r = F.cli("nas-search", "--latency", f"{F.DEVICE}={b.latency_text}", "--latency", "pixel9=2ms",
-              "--max-params", b.params_text, "--out", "runs/unknown-device", cwd=work.path)
+              "--max-params", b.params_text, "--out", "runs/unknown-device", cwd=d)
     assert r.returncode == 2, F.describe(r)
     assert "Traceback" not in r.stderr
     err = [ln for ln in F.lines(r.stderr) if ln.startswith("nas-search: error:")]
     assert len(err) == 1, r.stderr
     assert "pixel9" in err[0] and "nas-build-lut --device pixel9" in err[0], err[0]
-    assert F.tree(work.path) == before
+    assert F.tree(d) == before
 
 
 def test_latency_error_names_the_bad_value_once() -> None:

@@ -381,21 +381,29 @@ def test_unknown_names_list_the_known_ones(lookup, known) -> None:
         assert name in message
 
 
-def test_v2_odd_stage3_map_is_refused_with_a_hint_that_works() -> None:
-    """The stride-2 attention of V2 stage 3 needs an even map; the hint must name a resolution step that gives one."""
-    for stem_stride in (4, 2):
-        s0 = get_preset("efficientformerv2_s0")
-        arch = ArchConfig(s0.family, s0.stages, stem_stride=stem_stride)
-        for resolution in (100, 65, 120, 200):
-            try:
-                lower(arch, resolution=resolution)
-                continue
-            except SpaceError as exc:
-                match = re.search(r"divisible by (\d+)", str(exc))
-            assert match, "the error should suggest a resolution"
-            step = int(match.group(1))
-            for k in range(1, 9):
-                lower(arch, resolution=step * k)  # raises if the hint is wrong
+@pytest.mark.parametrize("stem_stride, resolution, refused", [
+    (4, 100, True), (4, 65, True), (4, 200, True), (4, 120, False), (4, 224, False),
+    (2, 100, True), (2, 65, True), (2, 120, True), (2, 200, True), (2, 32, False),
+])
+def test_v2_odd_stage3_map_is_refused_with_a_hint_that_works(stem_stride: int, resolution: int, refused: bool) -> None:
+    """The stride-2 attention of V2 stage 3 needs an even map; the hint must name a resolution step that gives one.
+
+    100 px gives a 7x7 stage-3 map with stem stride 4 and 13x13 with stride 2 (both refused);
+    120 px gives 8x8 with stride 4 (accepted) and 15x15 with stride 2 (refused).
+    """
+    s0 = get_preset("efficientformerv2_s0")
+    arch = ArchConfig(s0.family, s0.stages, stem_stride=stem_stride)
+    if not refused:
+        lower(arch, resolution=resolution)
+        return
+    with pytest.raises(SpaceError) as info:
+        lower(arch, resolution=resolution)
+    match = re.search(r"divisible by (\d+)", str(info.value))
+    assert match, f"the error should suggest a resolution: {info.value}"
+    step = int(match.group(1))
+    assert step == 8 * stem_stride
+    for k in range(1, 9):
+        lower(arch, resolution=step * k)  # raises if the hint is wrong
 
 
 # --------------------------------------------------------------------------------------- units

@@ -8,7 +8,6 @@ prediction needs macOS.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,42 +117,44 @@ def test_onnx_export_matches_torch(case: str, tmp_path: Path) -> None:
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def _convert_coreml(model: StaticNet, x: torch.Tensor, path: Path):
-    ct = pytest.importorskip("coremltools")
+def _convert_coreml(model: StaticNet, x: torch.Tensor, path: Path) -> Path:
+    """The shipped conversion (latency.runtime.convert_coreml: mlprogram, fp16, iOS16), as nas-extract uses it."""
+    from latency.runtime import convert_coreml
+
     model.eval()
-    with torch.no_grad():
-        traced = torch.jit.trace(model, x)
-    mlmodel = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name="x", shape=tuple(x.shape))],
-        outputs=[ct.TensorType(name="y")],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS16,
-        compute_precision=ct.precision.FLOAT16,
-    )
-    mlmodel.save(str(path))
-    return mlmodel
+    return convert_coreml(model, tuple(x.shape), path)
 
 
 @pytest.mark.parametrize("case", COREML_CASES)
 def test_coreml_conversion_writes_an_mlpackage(case: str, tmp_path: Path) -> None:
+    import coremltools as ct
+
     model, x = make(case)
-    path = tmp_path / f"{case}.mlpackage"
-    _convert_coreml(model, x[:1], path)
-    assert path.is_dir()
+    path = _convert_coreml(model, x[:1], tmp_path / f"{case}.mlpackage")
+    assert path == tmp_path / f"{case}.mlpackage" and path.is_dir()
     assert (path / "Manifest.json").is_file()
     assert any(p.suffix == ".mlmodel" for p in path.rglob("*"))
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    (inp,), (out,) = spec.description.input, spec.description.output
+    assert list(inp.type.multiArrayType.shape) == list(x[:1].shape)
+    with torch.no_grad():
+        assert list(out.type.multiArrayType.shape) == list(model(x[:1]).shape)
 
 
-@pytest.mark.skipif(sys.platform != "darwin", reason="CoreML prediction needs macOS "
-                    "(coremltools converts anywhere but runs models only on macOS)")
+@pytest.mark.macos_only
 @pytest.mark.parametrize("case", COREML_CASES)
 def test_coreml_prediction_matches_torch(case: str, tmp_path: Path) -> None:
+    import coremltools as ct
+
     model, x = make(case)
     x = x[:1]
-    mlmodel = _convert_coreml(model, x, tmp_path / f"{case}.mlpackage")
+    path = _convert_coreml(model, x, tmp_path / f"{case}.mlpackage")
     with torch.no_grad():
         ref = model.eval()(x).numpy()
-    out = mlmodel.predict({"x": x.numpy()})["y"]
+    mlmodel = ct.models.MLModel(str(path))
+    fp16 = mlmodel.get_spec().description.input[0].type.multiArrayType.dataType == \
+        ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16   # fp16 in and out (convert_coreml's default)
+    out = mlmodel.predict({"input": x.numpy().astype(np.float16 if fp16 else np.float32)})["output"]
+    out = np.asarray(out, dtype=np.float32)
     # FP16 compute: compare against the output scale
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-2 * max(1.0, float(np.abs(ref).max())))
