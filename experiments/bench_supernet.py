@@ -11,7 +11,6 @@ plus the sandwich-rule training throughput (images/s) of a short real training r
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time

@@ -41,11 +41,9 @@ import torch.nn.functional as F
 
 from search_spaces import ArchConfig, BlockConfig, SearchSpace, StageConfig
 from search_spaces.errors import NasUserError
-from search_spaces.kinds import trace
 from search_spaces.lowering import Carry, get_family
 
 if TYPE_CHECKING:
-    from latency.lut import LatencyTable
     from supernet.elastic import Supernet
 
 __all__ = ["SKIP", "ArchLogits", "Choices", "CostTables", "GumbelSettings", "GumbelResult", "gumbel_slim"]

@@ -1,7 +1,8 @@
 """``nas-extract`` for dense tasks and with a teacher: backbones, other input sizes, distillation.
 
-Each test works in its own copy of the shared trained folder and writes its subnet.json by
-hand (a config of the demo space), so nothing here depends on another test's search.
+Each test works in its own folder next to the shared trained one (read only: its supernet run is
+named in a subnet.json written by hand, a config of the demo space), so nothing here depends on
+another test's search.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,12 +20,7 @@ import _fixtures_search as F  # noqa: E402
 from search_spaces.subnet_file import SubnetFile  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def work(tmp_path_factory: pytest.TempPathFactory) -> F.Work:
-    return F.get_work(tmp_path_factory)
-
-
-def _subnet(folder: Path, work: F.Work, **changes: object) -> Path:
+def _subnet(folder: Path, work: F.Shared, **changes: object) -> Path:
     """A subnet.json for a mid-sized demo config, tied to the shared supernet run."""
     from supernet.run import load_run
 
@@ -47,7 +42,7 @@ def _extract(folder: Path, *args: str) -> tuple[Path, dict]:
     return out, json.loads((out / "extract.json").read_text())["metrics"]
 
 
-def test_features_only_writes_a_multi_output_backbone(work: F.Work, tmp_path: Path) -> None:
+def test_features_only_writes_a_multi_output_backbone(work: F.Shared, tmp_path: Path) -> None:
     import onnxruntime as ort
 
     from nas.extract import load_subnet
@@ -74,7 +69,7 @@ def test_features_only_writes_a_multi_output_backbone(work: F.Work, tmp_path: Pa
     assert [tuple(r.shape) for r in ref] == [tuple(f.shape) for f in feats]
 
 
-def test_a_backbone_deployed_at_another_input_size(work: F.Work, tmp_path: Path) -> None:
+def test_a_backbone_deployed_at_another_input_size(work: F.Shared, tmp_path: Path) -> None:
     from nas.extract import load_subnet
 
     _subnet(tmp_path, work, resolution=(64, 96), task="backbone")
@@ -89,7 +84,7 @@ def test_a_backbone_deployed_at_another_input_size(work: F.Work, tmp_path: Path)
     assert 0 <= metrics["test_accuracy"] <= 1  # scored as a classifier at the supernet's size
 
 
-def test_teacher_distillation_while_fine_tuning(work: F.Work, tmp_path: Path) -> None:
+def test_teacher_distillation_while_fine_tuning(work: F.Shared, tmp_path: Path) -> None:
     from supernet.run import load_run
 
     run = load_run(work.run_dir)
