@@ -152,8 +152,8 @@ def add_schema_flags(group: argparse._ActionsContainer, model: type[BaseModel]) 
     ``json_schema_extra`` has ``"switch": True`` is a flag without a value that sets it to true.
     Every flag defaults to ``None`` ("not given"), so a ``--config`` file's value stays unless the
     flag is given; :func:`schema_flag_values` collects the given ones. A field's
-    ``json_schema_extra`` may set ``"default_help"`` (how its default reads in the help) and
-    ``"metavar"``.
+    ``json_schema_extra`` may set ``"default_help"`` (how its default reads in the help),
+    ``"metavar"``, and ``"repeat": True`` for a list of strings given one flag per item.
     """
     defaults = model.model_construct().model_dump(mode="json")
     for name, info in model.model_fields.items():
@@ -163,6 +163,10 @@ def add_schema_flags(group: argparse._ActionsContainer, model: type[BaseModel]) 
         help_text = f"{info.description or name} (default: {default})".replace("%", "%%")
         if extra.get("switch"):
             group.add_argument(flag, dest=name, action="store_const", const=True, help=help_text)
+            continue
+        if extra.get("repeat"):
+            group.add_argument(flag, dest=name, action="append", metavar=extra.get("metavar"),
+                               help=help_text + "; repeatable")
             continue
         kind, choices = _flag_kind(info.annotation)
         metavar = str(extra["metavar"]) if "metavar" in extra else (None if choices else _METAVARS.get(kind))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from search_spaces import format_resolution
-from search_spaces.errors import FileFormatError, NasUserError
+from search_spaces.errors import NasUserError
 from search_spaces.fileio import atomic_write_json, atomic_write_text
 from search_spaces.subnet_file import SubnetFile
 
@@ -183,7 +183,7 @@ def extract(subnet_path: str | Path, *, supernet: str | None = None, out: str | 
     net = load_supernet(run)
     teacher_model = None
     if teacher is not None:
-        from .teacher import load_teacher
+        from supernet.teacher import load_teacher
 
         teacher_model = load_teacher(teacher, net.setup)
     splits = load_run_splits(run)
@@ -210,18 +210,6 @@ def load_subnet(folder: str | Path, *, map_location: str = "cpu") -> StaticNet:
 
     >>> # model = load_subnet("runs/extract-abc123"); model(torch.zeros(1, 1, 32, 32))
     """
-    from supernet.checkpoint import load_tensors
-    from supernet.model import StaticNet
+    from supernet.model import load_extracted
 
-    path = Path(folder) / "model.safetensors"
-    tensors, meta = load_tensors(path, what="model")
-    if "subnet" not in meta:
-        raise FileFormatError(f"{path} carries no subnet config in its metadata")
-    sub = SubnetFile.from_dict(meta["subnet"], source=str(path))
-    model = StaticNet(sub.arch, sub.specs(), resolution=sub.hw)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise FileFormatError(f"{path}: weights do not fit the config ({len(missing)} missing, "
-                              f"{len(unexpected)} unexpected tensors)")
-    return model.to(map_location).eval()
-
+    return load_extracted(folder, map_location=map_location)

@@ -141,6 +141,28 @@ def _run_meta(cfg: TrainConfig, space: SearchSpace, splits: DatasetSplits, side:
         "distillation": None, "dataset": splits.describe(), "recipe": cfg.to_dict()})
 
 
+def _warm_starts(cfg: TrainConfig, space: SearchSpace) -> list[tuple[ArchConfig, Path]]:
+    """The ``--init PRESET=WEIGHTS`` items as (config of the space, file), checked before anything is written."""
+    from dataclasses import replace
+
+    from search_spaces import get_preset, list_presets
+
+    out = []
+    for item in cfg.init:
+        name, _, path = item.partition("=")
+        if name not in list_presets():
+            raise NasUserError(f"--init {item!r}: {name!r} is not a preset; known presets: {', '.join(list_presets())}")
+        if not Path(path).is_file():
+            raise NasUserError(f"--init {item!r}: no weights file {path!r}")
+        arch = replace(get_preset(name), stem_stride=space.stem_stride)  # the same weights at the space's stem stride
+        reason = space.why_not(arch)
+        if reason is not None:
+            raise NasUserError(f"--init {item!r}: {name} is not in the space {space.name!r} ({reason}); warm-start "
+                               f"from a preset the space contains")
+        out.append((arch, Path(path)))
+    return out
+
+
 class Trainer:
     """One supernet training run; see the module docstring for the order of the calls."""
 
@@ -181,6 +203,16 @@ class Trainer:
             raise NasUserError(f"--batch-size {cfg.batch_size} is larger than the training split of {cfg.dataset} "
                                f"({n_train} images); use a --batch-size of at most {n_train}")
         self.meta = _run_meta(cfg, self.space, self.splits, self.side)
+        self.inits = _warm_starts(cfg, self.space)
+        self.teacher: torch.nn.Module | None = None
+        if cfg.teacher is not None:
+            from search_spaces import LoweringSetup
+
+            from .teacher import load_teacher
+
+            setup = LoweringSetup(resolution=self.side, num_classes=self.splits.num_classes,
+                                  in_chans=self.splits.in_chans)
+            self.teacher = load_teacher(cfg.teacher, setup, device=self.device)
 
     # ------------------------------------------------------------------ 2. completed
     def completed(self) -> TrainResult | None:
@@ -204,6 +236,11 @@ class Trainer:
         net = Supernet(self.space, num_classes=self.splits.num_classes, resolution=self.side,
                        in_chans=self.splits.in_chans)
         net.to(device)
+        for arch, path in self.inits:
+            from .pretrained import init_supernet_from
+
+            n = init_supernet_from(net, arch, path)
+            logger.info("warm start: %d tensors of %s from %s", n, arch.to_string(), path)
         if cfg.channels_last:
             net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (the stubs lack it)
         no_decay = net.no_weight_decay()
@@ -297,8 +334,13 @@ class Trainer:
             self.compiled.begin_step()
         self.opt.zero_grad()  # zeroes the regions the last step used; gradients stay allocated
         archs = sandwich_archs(self.space, seed=cfg.seed, step=self.step_no, num_random=cfg.num_random)
+        teacher_classes = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_classes = self.teacher(x).argmax(dim=-1)
         loss = sandwich_step(self.forward, archs, x, y, label_smoothing=cfg.label_smoothing, distill=cfg.distill,
-                             bf16=self.bf16)
+                             bf16=self.bf16, teacher_classes=teacher_classes,
+                             distilled_head=self.net.set_distilled_training if self.net.setup.distillation else None)
         self.sums.loss_sum += float(loss)
         self.sums.loss_n += 1
         self.ddp.average_grads(self.params)

@@ -148,6 +148,8 @@ class ElasticUnit(nn.Module):
                     setattr(module, name, None)  # held by the donor kind's module in this slot
             self.full[_key(kind)] = module
         self._templates = templates
+        #: a head unit returns ``(head, head_dist)`` in training (see ``Supernet.set_distilled_training``)
+        self.distilled = False
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -175,6 +177,8 @@ class ElasticUnit(nn.Module):
     def forward(self, x: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
         template = self._templates.get(spec)
         template.train(self.training)
+        if hasattr(template, "distilled_training"):
+            template.distilled_training = self.distilled
         return functional_call(template, self.state_for(spec), (x,), tie_weights=False, strict=True)
 
     def export(self, spec: BlockSpec) -> nn.Module:
@@ -389,3 +393,14 @@ class Supernet(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.ndim <= 1 or "attention_biases" in n}
+
+    @property
+    def distilled(self) -> bool:
+        """Whether the head returns ``(head, head_dist)`` logits in training (hard distillation)."""
+        return bool(self.units["head"].distilled)
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """In training mode, make the head return ``(head, head_dist)`` (needs a distillation head)."""
+        if enable and not self.setup.distillation:
+            raise SpaceError("this supernet has no head_dist; hard distillation needs one")
+        self.units["head"].distilled = bool(enable)

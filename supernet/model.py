@@ -25,7 +25,7 @@ from search_spaces.lowering import get_family, resolve_setup
 
 from .blocks import build_block
 
-__all__ = ["StaticNet", "FeatureInfo", "build_model", "init_weights", "feature_info", "tokens_to_map"]
+__all__ = ["StaticNet", "FeatureInfo", "build_model", "init_weights", "feature_info", "tokens_to_map", "load_extracted"]
 
 
 def init_weights(module: nn.Module) -> None:
@@ -221,3 +221,30 @@ def build_model(
 
         load_pretrained(model, pretrained)
     return model
+
+
+def load_extracted(folder: str | os.PathLike[str], *, map_location: str = "cpu") -> StaticNet:
+    """Rebuild a model written by ``nas-extract`` from its folder alone (``model.safetensors`` carries
+    its ``subnet.json`` in the metadata; nothing is unpickled).
+
+    Raises:
+        FileFormatError: no such file, no config in it, or weights that do not fit the config.
+    """
+    from pathlib import Path
+
+    from search_spaces.errors import FileFormatError
+    from search_spaces.subnet_file import SubnetFile
+
+    from .checkpoint import load_tensors
+
+    path = Path(folder) / "model.safetensors"
+    tensors, meta = load_tensors(path, what="model")
+    if "subnet" not in meta:
+        raise FileFormatError(f"{path} carries no subnet config in its metadata")
+    sub = SubnetFile.from_dict(meta["subnet"], source=str(path))
+    model = StaticNet(sub.arch, sub.specs(), resolution=sub.hw)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise FileFormatError(f"{path}: weights do not fit the config ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected tensors)")
+    return model.to(map_location).eval()

@@ -50,7 +50,7 @@ from .model import StaticNet, build_model
 
 __all__ = [
     "LAYOUTS", "LoadReport", "export_state_dict", "init_supernet_from", "load_pretrained", "read_checkpoint",
-    "resize_bias_table", "target_bias_grid", "transfer_weights",
+    "resize_bias_table", "target_bias_grid", "transfer_weights", "adapt_input_conv",
 ]
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class LoadReport:
         kept: model tensors the checkpoint lacks, left as they were (``num_batches_tracked``, ``head_dist``).
         ignored: checkpoint keys not loaded: stored index buffers (derived), and the distillation
             head of a classifier that is re-initialised anyway.
+        adapted: the first conv adapted to another number of input channels (:func:`adapt_input_conv`).
     """
 
     source: str
@@ -142,12 +143,15 @@ class LoadReport:
     head_dist_in_checkpoint: bool = False
     kept: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
+    adapted: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """One line for logs and ``nas-info``."""
         parts = [f"{self.source}: {self.layout} layout, loaded {self.loaded} of {self.total} tensors"]
         if self.resized:
             parts.append(f"resized {len(self.resized)} attention-bias tables ({self.resized[0].split(': ')[1]})")
+        if self.adapted:
+            parts.append(f"adapted the first conv ({self.adapted[0].split(': ')[1]})")
         if self.reinitialised:
             parts.append(f"re-initialised the classifier ({self.checkpoint_classes} classes in the checkpoint; "
                          f"{', '.join(self.reinitialised)})")
@@ -236,6 +240,7 @@ def _plan(model: StaticNet, sd: dict[str, torch.Tensor], names: _Names, label: s
     values: dict[str, torch.Tensor] = {}
     problems: list[tuple[tuple[int, int], str]] = []  # (rank, message)
     resized: list[str] = []
+    adapted: list[str] = []
     ignored: list[str] = []
     for key, value in sd.items():
         our = ours_of.get(key)
@@ -264,6 +269,10 @@ def _plan(model: StaticNet, sd: dict[str, torch.Tensor], names: _Names, label: s
                 continue
             if note:
                 resized.append(f"{our}: {note}")
+        if our == _first_conv(model) and value.ndim == 4 and value.shape[1] != want[1] and \
+                (value.shape[0], *value.shape[2:]) == (want[0], *want[2:]):
+            adapted.append(f"{our}: input channels {value.shape[1]} -> {want[1]}")
+            value = adapt_input_conv(value, want[1])
         if value.shape == want:
             values[our] = value
         elif our in classifier and reinit and value.shape[1:] == want[1:]:
@@ -282,8 +291,32 @@ def _plan(model: StaticNet, sd: dict[str, torch.Tensor], names: _Names, label: s
         source=label, layout=layout, loaded=len(values), total=len(target), resized=tuple(resized),
         reinitialised=tuple(k for k in target if reinit and k in classifier),
         checkpoint_classes=int(sd[head_w].shape[0]) if head_w in sd and sd[head_w].ndim == 2 else None,
-        head_dist_in_checkpoint=any(k in sd for k in dist_names), kept=tuple(kept), ignored=tuple(ignored))
+        head_dist_in_checkpoint=any(k in sd for k in dist_names), kept=tuple(kept), ignored=tuple(ignored),
+        adapted=tuple(adapted))
     return values, report
+
+
+def _first_conv(model: StaticNet) -> str:
+    """Our key of the network's first convolution (the stem's)."""
+    return next(k for k, v in model.state_dict().items() if v.ndim == 4)
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A first conv's ``(out, c, k, k)`` weight for ``in_chans`` input channels, as timm adapts it.
+
+    One channel: the sum over the input channels (a grey image is the mean of R, G and B, and the
+    conv of the mean equals the conv of the summed weights up to the factor the sum absorbs).
+    More channels: the weight repeated along the input channels, cut to ``in_chans`` and scaled by
+    ``c / in_chans`` so the expected activation stays the same.
+
+    >>> adapt_input_conv(torch.ones(8, 3, 3, 3), 1).shape
+    torch.Size([8, 1, 3, 3])
+    """
+    c = weight.shape[1]
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_chans // c)
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (c / in_chans)
 
 
 def _their_head_dist_names(model: StaticNet, layout: str) -> set[str]:

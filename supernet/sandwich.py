@@ -40,7 +40,7 @@ def sandwich_archs(space: SearchSpace, *, seed: int, step: int, num_random: int)
 
 
 def sandwich_step(
-    forward: Callable[[torch.Tensor, ArchConfig], torch.Tensor],
+    forward: Callable[[torch.Tensor, ArchConfig], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     archs: Sequence[ArchConfig],
     x: torch.Tensor,
     y: torch.Tensor,
@@ -48,37 +48,56 @@ def sandwich_step(
     label_smoothing: float,
     distill: bool,
     bf16: bool,
+    teacher_classes: torch.Tensor | None = None,
+    distilled_head: Callable[[bool], None] | None = None,
 ) -> torch.Tensor:
     """Forward and backward of every config of one step; gradients accumulate, nothing is stepped.
 
     The first config (the largest) learns the labels (label-smoothed cross-entropy); the others
-    learn its soft predictions when ``distill`` (in-place distillation), else the labels.
+    learn its soft predictions when ``distill`` (in-place distillation), else the labels. With an
+    external teacher's predicted classes, the largest also learns those by hard distillation, as
+    the EfficientFormer recipe trains (DeiT's): its class head learns the labels and its
+    distillation head the teacher's classes, half the loss each (``distilled_head(True)`` makes the
+    forward return both heads; without a ``head_dist`` the one head learns both targets).
 
     Args:
         forward: ``forward(x, arch) -> logits (B, K)``: the supernet or a compiled version of it.
-        archs: the step's configs, the teacher first (:func:`sandwich_archs`).
+        archs: the step's configs, the largest first (:func:`sandwich_archs`).
         x: images ``(B, C, H, W)``.
         y: labels ``(B,)``.
-        label_smoothing: of the cross-entropy losses.
-        distill: train the others on the teacher's soft predictions.
+        label_smoothing: of the label cross-entropy losses.
+        distill: train the others on the largest's soft predictions.
         bf16: run the forwards under bfloat16 autocast (losses in float32).
+        teacher_classes: an external teacher's predicted classes ``(B,)``, or None.
+        distilled_head: switches the supernet's head between its two outputs and their average.
 
     Returns:
-        The teacher's loss (a detached scalar tensor).
+        The largest config's loss (a detached scalar tensor).
     """
-    teacher: torch.Tensor | None = None
+    soft: torch.Tensor | None = None
     first: torch.Tensor | None = None
     for arch in archs:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = forward(x, arch)
-            if teacher is None:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-                teacher = logits.detach().float().softmax(dim=-1)
-                first = loss.detach()
-            elif distill:
-                loss = torch.sum(-teacher * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            else:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        hard = soft is None and teacher_classes is not None
+        if hard and distilled_head is not None:
+            distilled_head(True)
+        try:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = forward(x, arch)
+        finally:
+            if hard and distilled_head is not None:
+                distilled_head(False)
+        if soft is None:
+            cls, dist = out if isinstance(out, tuple) else (out, out)
+            loss = F.cross_entropy(cls.float(), y, label_smoothing=label_smoothing)
+            if teacher_classes is not None:
+                loss = 0.5 * loss + 0.5 * F.cross_entropy(dist.float(), teacher_classes)
+            logits = (cls.float() + dist.float()) / 2 if isinstance(out, tuple) else cls.float()
+            soft = logits.detach().softmax(dim=-1)
+            first = loss.detach()
+        elif distill:
+            loss = torch.sum(-soft * F.log_softmax(out.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
         loss.backward()
     if first is None:
         raise ValueError("`archs` must hold at least one config, got none")

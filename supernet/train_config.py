@@ -71,6 +71,22 @@ Resolution = Annotated[tuple[int, int], BeforeValidator(_to_hw), AfterValidator(
 _DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]+)?)$"
 
 
+def _as_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _check_inits(value: tuple[str, ...]) -> tuple[str, ...]:
+    for item in value:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise PydanticCustomError("init", "not PRESET=WEIGHTS")
+    return value
+
+
+#: ``PRESET=WEIGHTS`` items (a JSON list in a ``--config`` file).
+Inits = Annotated[tuple[str, ...], BeforeValidator(_as_tuple), AfterValidator(_check_inits)]
+
+
 class TrainConfig(Schema):
     """Everything that defines a supernet training run (each field is one ``nas-train`` flag).
 
@@ -123,6 +139,15 @@ class TrainConfig(Schema):
     compile_backend: str = Field("inductor", min_length=1, description="torch.compile backend of --compile: "
                                  "inductor (fused kernels), or aot_eager to debug a compile problem")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    init: Inits = Field((), description="warm start from published weights: PRESET=WEIGHTS, e.g. "
+                        "efficientformerv2_s0=s0.pth (timm, snap or mit layout); the preset's weights fill its "
+                        "slice of the shared tensors, everything else keeps its default initialisation",
+                        json_schema_extra={"repeat": True, "metavar": "PRESET=WEIGHTS", "default_help": "none",
+                                           "allowed": "PRESET=WEIGHTS, e.g. efficientformerv2_s0=s0.pth"})
+    teacher: str | None = Field(None, min_length=1, description="hard distillation of the largest subnet from a "
+                                "teacher (its head_dist learns the teacher's classes): an extracted model folder "
+                                "or PRESET=WEIGHTS, predicting the dataset's classes",
+                                json_schema_extra={"default_help": "none", "metavar": "PATH"})
 
     def __init__(self, *, _names: Callable[[str], str] | None = None, **data: object) -> None:
         try:

@@ -27,7 +27,7 @@ def load_teacher(spec: str, setup: LoweringSetup, *, device: str | torch.device 
         name, path = spec.split("=", 1)
         if name not in list_presets():
             raise NasUserError(f"--teacher {spec!r}: {name!r} is not a preset; known presets: {', '.join(list_presets())}")
-        from supernet import build_model
+        from .model import build_model
 
         teacher = build_model(get_preset(name), setup.replace(task="classify", distillation=None), pretrained=path)
     else:
@@ -35,9 +35,9 @@ def load_teacher(spec: str, setup: LoweringSetup, *, device: str | torch.device 
         if not (folder / "model.safetensors").is_file():
             raise NasUserError(f"--teacher {spec!r} is neither an extracted model folder (with model.safetensors) nor "
                                f"PRESET=WEIGHTS (e.g. efficientformerv2_s0=weights.pth)")
-        from .extract import load_subnet
+        from .model import load_extracted
 
-        teacher = load_subnet(folder)
+        teacher = load_extracted(folder)
         if getattr(teacher, "num_classes", None) != setup.num_classes or teacher.in_chans != setup.in_chans:
             raise NasUserError(f"--teacher {spec!r} predicts {teacher.num_classes} classes from {teacher.in_chans} "
                                f"channels; the student has {setup.num_classes} classes and {setup.in_chans} channels")
