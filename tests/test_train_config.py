@@ -185,7 +185,8 @@ def test_schema1_supernet_json_of_the_previous_version_loads(tmp_path: Path) -> 
     assert (run.resolution, run.num_classes, run.in_chans, run.dataset) == (32, 10, 3, "synthetic:256")
     assert run.space.name == "efficientformer_v2_demo" and run.meta == raw
     # its recipe reads as the same settings (settings added since take their defaults)
-    assert TrainConfig.from_dict(run.file.recipe).to_dict() == {**raw["recipe"], "compile_backend": "inductor"}
+    assert TrainConfig.from_dict(run.file.recipe).to_dict() == {**raw["recipe"], "compile_backend": "inductor", "init": [],
+                                                                 "teacher": None}
     with pytest.raises(FileFormatError, match="checksum"):
         load_run(run_dir)
 
