@@ -19,9 +19,10 @@ from .profiles import DeviceProfile, get_profile, list_profiles, load_profile_fi
 from .stats import LatencyStats
 
 _LAZY = {
-    "BuildProgress": "build", "BuildResult": "build", "BundleInfo": "build", "ImportResult": "build",
-    "build_lut": "build", "default_bundle_path": "build", "import_results": "build", "lut_specs": "build",
-    "measure_networks": "build", "parse_shard": "build", "write_bundle": "build",
+    "BuildProgress": "measure", "BuildResult": "measure", "build_lut": "measure", "measure_networks": "measure",
+    "BundleInfo": "bundle", "default_bundle_path": "bundle", "write_bundle": "bundle",
+    "ImportResult": "importing", "import_results": "importing",
+    "lut_specs": "specs", "parse_shard": "specs", "resolve_setup": "specs",
     "ValidationReport": "validate", "fidelity_metrics": "validate", "fit_calibration": "validate",
     "sample_archs": "validate", "validate_lut": "validate", "validation_paths": "validate",
     "export_onnx": "runtime", "measure_module": "runtime", "convert_coreml": "runtime",

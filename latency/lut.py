@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from latency.stats import LatencyStats
-from search_spaces import BlockSpec, SearchSpace
+from search_spaces import BlockSpec, LoweringSetup, SearchSpace, format_resolution, parse_resolution
 from search_spaces.errors import FileFormatError, NasUserError
 from search_spaces.fileio import atomic_write_json, read_json
 
@@ -76,13 +76,21 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def default_lut_path(device: str, resolution: int, folder: str | os.PathLike[str] = ".") -> Path:
+def default_lut_path(device: str, resolution: Any, folder: str | os.PathLike[str] = ".") -> Path:
     """Where ``nas-build-lut`` writes, and ``nas-search`` looks for, a device's LUT.
+
+    Args:
+        device: the profile name.
+        resolution: ``224``, ``"512x1024"`` or ``(height, width)``; a square one names the
+            file by its side.
+        folder: the folder.
 
     >>> default_lut_path("iphone12", 32).name
     'lut-iphone12-32.json'
+    >>> default_lut_path("iphone12", (512, 1024)).name
+    'lut-iphone12-512x1024.json'
     """
-    return Path(folder) / f"lut-{device}-{resolution}.json"
+    return Path(folder) / f"lut-{device}-{format_resolution(parse_resolution(resolution))}.json"
 
 
 def _finite_ms(value: Any, what: str) -> float:
@@ -436,6 +444,12 @@ class LatencyTable:
         """The given keys that have no entry, in the given order."""
         return [k for k in keys if k not in self._entries]
 
+    @property
+    def setup(self) -> LoweringSetup:
+        """The lowering setup the table's keys were lowered under."""
+        return LoweringSetup(resolution=self.resolution, num_classes=self.num_classes, in_chans=self.in_chans,
+                             distillation=self.distillation)
+
     def search_space(self) -> SearchSpace | None:
         """The recorded search space, or None when the table does not carry one."""
         return SearchSpace.from_dict(self.space) if self.space is not None else None
@@ -481,7 +495,7 @@ class LatencyTable:
                                f"not for a space with hash {space_hash}; rebuild it in the run's folder with: "
                                f"nas-build-lut --device {self.device}")
 
-    def setup(self) -> dict[str, Any]:
+    def setup_fields(self) -> dict[str, Any]:
         """The header fields two tables must share to be merged or resumed."""
         return {name: getattr(self, name) for name in _SETUP_FIELDS}
 
@@ -491,7 +505,7 @@ class LatencyTable:
         The message names the differing fields with both values, e.g. ``refusing to resume
         'lut.json': it was built for device='iphone12' but this run is for device='local-cpu'``.
         """
-        mine, theirs = self.setup(), other.setup()
+        mine, theirs = self.setup_fields(), other.setup_fields()
         diff = [k for k in _SETUP_FIELDS if mine[k] != theirs[k]]
         if diff:
             name = repr(str(self.path)) if self.path is not None else "the first table"

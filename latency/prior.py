@@ -476,10 +476,12 @@ def predicted_table(
     space: Any,
     profile: Any,
     *,
-    resolution: int,
-    num_classes: int = 1000,
-    in_chans: int = 3,
+    setup: Any = None,
+    resolution: Any = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
     distillation: bool | None = None,
+    task: str | None = None,
     prior: LatencyPrior | None = None,
 ) -> Any:
     """A LUT whose every entry is *predicted* by ``prior`` (default :func:`iphone12_prior`).
@@ -492,20 +494,21 @@ def predicted_table(
     Args:
         space: a :class:`~search_spaces.SearchSpace`.
         profile: the device's :class:`~latency.profiles.DeviceProfile`.
-        resolution, num_classes, in_chans, distillation: the lowering setup.
+        setup: the lowering setup (a :class:`~search_spaces.LoweringSetup`); or its fields
+            ``resolution``, ``num_classes``, ``in_chans``, ``distillation``, ``task`` as keywords.
         prior: the prior to use.
 
     Returns:
         A :class:`~latency.lut.LatencyTable` (not saved).
     """
-    from latency.build import lut_specs, new_table
     from latency.lut import Calibration
+    from latency.specs import lut_specs, new_table, resolve_setup
 
     prior = prior or iphone12_prior()
-    specs = lut_specs(space, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
-                      distillation=distillation)
-    table = new_table(space, profile, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
-                      distillation=distillation, measurement="predicted", expected_entries=len(specs),
+    setup = resolve_setup(space, setup, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
+                          distillation=distillation, task=task)
+    specs = lut_specs(space, setup)
+    table = new_table(space, profile, setup, measurement="predicted", expected_entries=len(specs),
                       environment={"note": f"predicted by an analytical prior, not measured ({prior.source})"})
     for spec in specs:
         table.set_predicted(spec.key, prior.block_ms(spec))

@@ -271,7 +271,7 @@ def _merge(args: argparse.Namespace, profile: Any) -> int:
 
 
 def _import(args: argparse.Namespace, profile: Any) -> int:
-    from latency.build import import_results
+    from latency.importing import import_results
 
     res = import_results(args.import_results, bundle=args.bundle, out=args.out,
                          device=profile.name if profile is not None else None)
@@ -315,7 +315,7 @@ def _already_validated(out: Path, profile: Any, setup: _Setup, archs: list[Any],
 
 
 def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, shard: Any, archs: list[Any]) -> int:
-    from latency.build import build_lut
+    from latency.measure import build_lut
 
     statistic = args.statistic or "min"
     if _already_validated(out, profile, setup, archs, statistic):
@@ -350,7 +350,7 @@ def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sha
 
 
 def _remote(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, shard: Any, archs: list[Any]) -> int:
-    from latency.build import default_bundle_path, write_bundle
+    from latency.bundle import default_bundle_path, write_bundle
     from latency.bundle_runner import BundleError
 
     folder = Path(args.bundle) if args.bundle else default_bundle_path(profile.name, setup.resolution)
@@ -403,7 +403,7 @@ def _predicted(profile: Any, setup: _Setup, out: Path) -> None:
 
 
 def _body(args: argparse.Namespace) -> int:
-    from latency.build import parse_shard
+    from latency.specs import parse_shard
     from latency.validate import sample_archs
 
     argv = list(getattr(args, "_argv", []))
