@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .lut import Calibration, LatencyTable, LutEntry, default_lut_path, merge_tables
+from .calibration import Calibration
+from .lut import LatencyTable, LutEntry, default_lut_path
+from .merge import merge_tables
 from .predict import BlockLatency, LatencyBreakdown, check_covers, predict_breakdown, predict_latency
 from .prior import IPHONE12_PRESET_MS, LatencyPrior, fit_prior, iphone12_prior, predicted_table
 from .profiles import DeviceProfile, get_profile, list_profiles, load_profile_file

@@ -128,8 +128,7 @@ def new_table(space: SearchSpace, profile: DeviceProfile, setup: LoweringSetup, 
 
     setup = resolve_setup(space, setup)
     return LatencyTable(
-        device=profile.name, backend=profile.backend, resolution=setup.height, num_classes=setup.num_classes,
-        in_chans=setup.in_chans, distillation=bool(setup.distillation),
+        device=profile.name, backend=profile.backend, setup=setup,
         space_name=space.name, space_hash=space.hash, space=space.to_dict(), profile=profile.to_dict(),
         environment=environment, threads=profile.threads, batch=profile.batch, precision=profile.precision,
         measurement=measurement, statistic=statistic, expected_entries=expected_entries,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from search_spaces import SearchSpace, get_space, list_spaces
+from search_spaces import TASKS, LoweringSetup, SearchSpace, get_space, list_spaces, parse_resolution, resolution_json
 from search_spaces.errors import NasUserError
 
 from ._cli import NasArgumentParser, announce, int_at_least, run_cli
@@ -32,6 +32,7 @@ EPILOG = """examples:
   nas-build-lut --device local-cpu                  # measure every block here (ONNX Runtime, 1 thread)
   nas-build-lut --device local-cpu --validate 100   # + 100 random subnets end to end, calibration
   nas-build-lut --device local-cpu --space efficientformer_v2 --resolution 224
+  nas-build-lut --device iphone12 --space efficientformer_v2 --resolution 512x1024 --task backbone
 
   # iPhone 12 (CoreML mlprogram, fp16, compute units ALL, iOS16)
   nas-build-lut --device iphone12                   # writes lut-iphone12-<res>.bundle/ (.mlpackage models)
@@ -74,6 +75,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _resolution(text: str) -> tuple[int, int]:
+    try:
+        return parse_resolution(text)
+    except NasUserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = NasArgumentParser(prog=PROG, description=__doc__.replace("``", ""), epilog=EPILOG)
     dev = p.add_argument_group("device")
@@ -85,9 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--batch", type=int_at_least(1), metavar="N", help="override the profile's batch size (default 1)")
     what = p.add_argument_group("what to profile (default: from the latest nas-train run in this folder)")
     what.add_argument("--space", metavar="S", help=f"search space: {', '.join(list_spaces())}")
-    what.add_argument("--resolution", type=int_at_least(8), metavar="PX", help="input side (default: the run's, or 224)")
+    what.add_argument("--resolution", type=_resolution, metavar="PX|HxW",
+                      help="input size: 224 (square) or 512x1024 (height x width); default: the run's, or 224")
     what.add_argument("--num-classes", type=int_at_least(1), metavar="N", help="classes (default: the run's, or 1000)")
     what.add_argument("--in-chans", type=int_at_least(1), metavar="N", help="input channels (default: the run's, or 3)")
+    what.add_argument("--task", choices=TASKS,
+                      help="classify (default: networks end in the classifier head) or backbone (profiled without "
+                           "the head, for detection and segmentation)")
     what.add_argument("--supernet", metavar="RUN_DIR", help="take the defaults from this run instead of the latest")
     out = p.add_argument_group("output and modes")
     out.add_argument("--out", metavar="FILE", help="the LUT file (default: lut-<device>-<res>.json here)")
@@ -151,10 +163,11 @@ class _Progress:
 @dataclasses.dataclass
 class _Setup:
     space: SearchSpace
-    resolution: int
-    num_classes: int
-    in_chans: int
-    distillation: bool | None
+    lowering: LoweringSetup  # its distillation None means the family default
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return self.lowering.resolution
 
 
 def _profile(args: argparse.Namespace) -> Any:
@@ -169,7 +182,7 @@ def _profile(args: argparse.Namespace) -> Any:
     if args.threads is not None:
         profile = profile.with_threads(args.threads)
     if args.batch is not None:
-        profile = dataclasses.replace(profile, batch=args.batch)
+        profile = profile.replace(batch=args.batch)
     return profile
 
 
@@ -181,22 +194,28 @@ def _need_profile(profile: Any) -> Any:
     return profile
 
 
+def _setup_from_space(args: argparse.Namespace) -> _Setup:
+    space = get_space(args.space)
+    resolution = args.resolution
+    if resolution is None:
+        resolution = (224, 224)
+        announce(f"{PROG}: using resolution 224 (default; set --resolution)")
+    if max(resolution) <= 64 and space.stem_stride != 2:
+        space = space.with_stem_stride(2)
+        announce(f"{PROG}: using stem stride 2 for resolution {LoweringSetup(resolution=resolution).text} (as "
+                 f"nas-train does up to 64 px)")
+    num_classes = args.num_classes or 1000
+    in_chans = args.in_chans or 3
+    if args.num_classes is None or args.in_chans is None:
+        announce(f"{PROG}: using {num_classes} classes and {in_chans} input channels "
+                 f"(set --num-classes/--in-chans)")
+    return _Setup(space, LoweringSetup(resolution=resolution, num_classes=num_classes, in_chans=in_chans,
+                                       task=args.task or "classify"))
+
+
 def _setup(args: argparse.Namespace) -> _Setup:
     if args.space is not None:
-        space = get_space(args.space)
-        resolution = args.resolution
-        if resolution is None:
-            resolution = 224
-            announce(f"{PROG}: using resolution 224 (default; set --resolution)")
-        if resolution <= 64 and space.stem_stride != 2:
-            space = space.with_stem_stride(2)
-            announce(f"{PROG}: using stem stride 2 for resolution {resolution} (as nas-train does up to 64 px)")
-        num_classes = args.num_classes or 1000
-        in_chans = args.in_chans or 3
-        if args.num_classes is None or args.in_chans is None:
-            announce(f"{PROG}: using {num_classes} classes and {in_chans} input channels "
-                     f"(set --num-classes/--in-chans)")
-        return _Setup(space, resolution, num_classes, in_chans, None)
+        return _setup_from_space(args)
     from supernet.run import find_latest_run, load_run
 
     if args.supernet is not None:
@@ -209,27 +228,29 @@ def _setup(args: argparse.Namespace) -> _Setup:
                 "no --space given and no finished supernet run in this folder: run nas-train first, or pass "
                 f"--space SPACE --resolution PX (spaces: {', '.join(list_spaces())})") from None
     run = load_run(run_dir, check_weights=False)
-    space = run.space
-    resolution = args.resolution or run.resolution
-    num_classes = args.num_classes or run.num_classes
-    in_chans = args.in_chans or run.in_chans
-    announce(f"{PROG}: using supernet run {run_dir} (space {space.name}, hash {space.hash}, resolution "
-             f"{resolution}, {num_classes} classes, {in_chans} input channels); set --space/--resolution to choose")
-    if resolution != run.resolution:
-        announce(f"{PROG}: note: --resolution {resolution} differs from the run's {run.resolution}; nas-search "
-                 f"looks for the LUT at the run's resolution")
     dist = run.meta.get("distillation")
-    return _Setup(space, resolution, num_classes, in_chans, dist if isinstance(dist, bool) else None)
+    lowering = LoweringSetup(resolution=args.resolution or run.resolution, num_classes=args.num_classes or run.num_classes,
+                             in_chans=args.in_chans or run.in_chans, distillation=dist if isinstance(dist, bool) else None,
+                             task=args.task or "classify")
+    announce(f"{PROG}: using supernet run {run_dir} (space {run.space.name}, hash {run.space.hash}, resolution "
+             f"{lowering.text}, {lowering.num_classes} classes, {lowering.in_chans} input channels); set "
+             f"--space/--resolution to choose")
+    if lowering.resolution != parse_resolution(run.resolution):
+        announce(f"{PROG}: note: --resolution {lowering.text} differs from the run's {run.resolution}; nas-search "
+                 f"looks for the LUT at the run's resolution")
+    return _Setup(run.space, lowering)
 
 
-def _default_out(args: argparse.Namespace, device: str, resolution: int, shard: tuple[int, int] | None) -> Path:
-    if args.out:
-        return Path(args.out)
-    if shard:
-        return Path(f"lut-{device}-{resolution}.shard-{shard[0]}of{shard[1]}.json")
+def _default_out(args: argparse.Namespace, device: str, resolution: tuple[int, int],
+                 shard: tuple[int, int] | None) -> Path:
     from latency.lut import default_lut_path
 
-    return default_lut_path(device, resolution)
+    if args.out:
+        return Path(args.out)
+    path = default_lut_path(device, resolution)
+    if shard:
+        return path.with_name(f"{path.stem}.shard-{shard[0]}of{shard[1]}.json")
+    return path
 
 
 def _pct(x: float) -> str:
@@ -252,7 +273,8 @@ def _validate(table: Any, archs: Any, networks: Any, out: Path, context: dict[st
 
 
 def _merge(args: argparse.Namespace, profile: Any) -> int:
-    from latency.lut import LatencyTable, default_lut_path, merge_tables
+    from latency.lut import LatencyTable, default_lut_path
+    from latency.merge import merge_tables
 
     tables = [LatencyTable.load(p) for p in args.merge]
     if profile is not None and tables[0].device != profile.name:
@@ -307,7 +329,8 @@ def _already_validated(out: Path, profile: Any, setup: _Setup, archs: list[Any],
         return False  # a damaged file: build and validate again
     if not table.complete or table.statistic != statistic or table.calibration.method == "none":
         return False
-    if (table.device, table.resolution, table.space_hash) != (profile.name, setup.resolution, setup.space.hash):
+    if (table.device, table.setup.resolution, table.task, table.space_hash) != (
+            profile.name, setup.resolution, setup.lowering.task, setup.space.hash):
         return False
     rows = report.get("subnets") if isinstance(report, dict) else None
     done = {r.get("arch_hash") for r in rows if isinstance(r, dict)} if isinstance(rows, list) else set()
@@ -325,8 +348,7 @@ def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sha
 
     bar = _Progress(not args.no_progress, f"{PROG} {profile.name}")
     try:
-        res = build_lut(setup.space, profile, resolution=setup.resolution, out=out, num_classes=setup.num_classes,
-                        in_chans=setup.in_chans, distillation=setup.distillation, shard=shard,
+        res = build_lut(setup.space, profile, setup=setup.lowering, out=out, shard=shard,
                         validation_archs=archs, statistic=statistic, jobs=args.jobs,
                         checkpoint_every_s=args.checkpoint_every,
                         progress=bar)
@@ -361,9 +383,8 @@ def _remote(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sh
     bar = _Progress(not args.no_progress, f"{PROG} bundle")
     t0 = time.monotonic()
     try:
-        info = write_bundle(setup.space, profile, folder=folder, resolution=setup.resolution,
-                            num_classes=setup.num_classes, in_chans=setup.in_chans, distillation=setup.distillation,
-                            shard=shard, validation_archs=archs, jobs=args.jobs, progress=bar)
+        info = write_bundle(setup.space, profile, folder=folder, setup=setup.lowering, shard=shard,
+                            validation_archs=archs, jobs=args.jobs, progress=bar)
     except BundleError as exc:
         raise NasUserError(f"the bundle written to {folder} is invalid: {exc}") from None
     except RuntimeError as exc:  # a block the exporter or converter cannot handle: a bug, not bad input
@@ -385,8 +406,7 @@ def _predicted(profile: Any, setup: _Setup, out: Path) -> None:
     from latency.lut import LatencyTable
     from latency.prior import iphone12_prior, predicted_table
 
-    table = predicted_table(setup.space, profile, resolution=setup.resolution, num_classes=setup.num_classes,
-                            in_chans=setup.in_chans, distillation=setup.distillation)
+    table = predicted_table(setup.space, profile, setup=setup.lowering)
     if out.exists():
         old = LatencyTable.load(out)
         old.check_same_setup(table, action="replace")
@@ -398,8 +418,8 @@ def _predicted(profile: Any, setup: _Setup, out: Path) -> None:
     print(f"wrote PREDICTED {out}: {len(table)} entries from the iPhone 12 prior (features "
           f"{', '.join(prior.features)}; leave-one-out MAPE {_pct(prior.loo_mape)}, max {_pct(prior.loo_max_ape)} "
           f"on the 7 EfficientFormer presets at 224 px). Import measurements to replace it.")
-    if setup.resolution != 224:
-        print(f"note: the prior is fitted at 224 px; at {setup.resolution} px its figures are extrapolations")
+    if setup.resolution != (224, 224):
+        print(f"note: the prior is fitted at 224 px; at {setup.lowering.text} px its figures are extrapolations")
 
 
 def _body(args: argparse.Namespace) -> int:
@@ -431,7 +451,8 @@ def _body(args: argparse.Namespace) -> int:
 
     write_command(out.parent if str(out.parent) else Path("."), PROG, argv, {
         "device": profile.to_dict(), "space": setup.space.name, "space_hash": setup.space.hash,
-        "resolution": setup.resolution, "num_classes": setup.num_classes, "in_chans": setup.in_chans,
+        "resolution": resolution_json(setup.resolution), "num_classes": setup.lowering.num_classes,
+        "in_chans": setup.lowering.in_chans, "task": setup.lowering.task,
         "out": str(out), "shard": args.shard, "validate": args.validate, "seed": args.seed,
         "bundle": args.bundle, "mode": "in-process" if local else "bundle"})
     return rc
