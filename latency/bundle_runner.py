@@ -54,6 +54,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -254,7 +255,20 @@ def load_manifest(bundle: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
 # --------------------------------------------------------------------------- host and inputs
 
 
+def _sysctl(name: str) -> str | None:
+    """A macOS ``sysctl -n`` value (None when unavailable)."""
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def _cpu_name() -> str:
+    if sys.platform == "darwin":
+        chip = _sysctl("machdep.cpu.brand_string")  # "Apple M2", or the Intel CPU's name
+        if chip:
+            return chip
     if sys.platform.startswith("linux"):
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
@@ -271,8 +285,9 @@ def host_info(backend: str) -> dict[str, Any]:
 
     Returns:
         A JSON-ready dict: platform, system, machine, cpu, cpu_count, python,
-        versions (numpy and the runtime), and for ONNX Runtime the available
-        execution providers.
+        versions (numpy and the runtime), for ONNX Runtime the available
+        execution providers, and on macOS ``macos`` (the version), ``chip``
+        (e.g. "Apple M2") and ``model`` (e.g. "Mac14,3").
     """
     import numpy as np
 
@@ -295,8 +310,10 @@ def host_info(backend: str) -> dict[str, Any]:
             info["versions"]["coremltools"] = ct.__version__
         except ImportError:
             info["versions"]["coremltools"] = None
-        if sys.platform == "darwin":
-            info["macos"] = platform.mac_ver()[0]
+    if sys.platform == "darwin":  # a Mac times itself: say which one (a LUT imported from it says so too)
+        info["macos"] = platform.mac_ver()[0]
+        info["chip"] = info["cpu"]
+        info["model"] = _sysctl("hw.model")
     return info
 
 

@@ -337,11 +337,50 @@ class LatencyTable:
         return SearchSpace.from_dict(self.space) if self.space is not None else None
 
     # ------------------------------------------------------------------ compatibility
+    @property
+    def stand_in_host(self) -> str | None:
+        """The host that measured in the device's place, described, or None when the figures are the device's own.
+
+        A CoreML bundle runs only on macOS, so results imported for a device whose profile targets
+        iOS (``iphone12``) time the Mac that ran them, not the phone. Their ``results.json``
+        records the host: ``"macOS 14.5, Apple M2 (Mac14,3)"``.
+        """
+        host = self.environment.get("host")
+        if not isinstance(host, dict) or self.backend != "coreml" or self.measurement == "predicted":
+            return None
+        target = str(self.profile.get("minimum_deployment_target", "iOS"))
+        if host.get("system") != "Darwin" or not target.startswith("iOS"):
+            return None
+        chip = host.get("chip") or host.get("cpu") or host.get("machine") or "unknown chip"
+        model = f" ({host['model']})" if host.get("model") else ""
+        return f"macOS {host.get('macos') or '?'}, {chip}{model}"
+
+    @property
+    def source_label(self) -> str:
+        """What the table's figures are, for every place that shows them.
+
+        ``"predicted"`` (any entry from an analytical prior), ``"measured-lut"``, or
+        ``"measured-lut (macOS host, not iphone12)"`` when a Mac measured in the device's place
+        (see :attr:`stand_in_host`).
+
+        >>> LatencyTable(device="d", backend="onnxruntime", resolution=32, num_classes=10, in_chans=1,
+        ...              distillation=True, space_name="s", space_hash="h").source_label
+        'measured-lut'
+        """
+        if self.predicted:
+            return "predicted"
+        if self.stand_in_host is not None:
+            return f"measured-lut (macOS host, not {self.device})"
+        return "measured-lut"
+
     def describe(self) -> str:
         """One line: device, resolution, space and what kind of figures the table holds."""
         kind = "PREDICTED" if self.predicted else "measured"
         if self.predicted and self.n_predicted < len(self):
             kind = f"{len(self) - self.n_predicted} measured + {self.n_predicted} PREDICTED"
+        host = self.stand_in_host
+        if host is not None:
+            kind += f" on a macOS host ({host}), not on the {self.device} itself"
         return (f"{self.device} @ {self.setup.text}px, space {self.space_name} ({self.space_hash}), "
                 f"{len(self)} entries ({kind}), statistic {self.statistic}, calibration {self.calibration.method}")
 

@@ -303,11 +303,15 @@ def _import(args: argparse.Namespace, profile: Any) -> int:
         t.save()
     print(f"imported {res.imported} measured entries into {res.path} ({t.describe()})"
           + (f"; replaced {res.replaced_predicted} predicted entries" if res.replaced_predicted else ""))
+    print(f"latency source: {t.source_label}")
+    if t.stand_in_host is not None:
+        print(f"note: these figures time the Mac that ran the bundle ({t.stand_in_host}), not the {t.device} itself; for "
+              f"the phone itself use Xcode's Core ML performance report on the .mlpackage files")
     if t.predicted:
         print(f"note: {t.n_predicted} entries are still PREDICTED (not in these results)")
     if res.networks and not res.complete:
-        print(f"note: validation skipped: the results are partial; run runner.py again to finish them, then import "
-              f"again")
+        print("note: validation skipped: the results are partial; run runner.py again to finish them, then import "
+              "again")
     elif res.networks:
         _validate(t, res.archs, res.networks, res.path, {"measured": "bundle", "results": str(args.import_results)})
     return 0
@@ -360,7 +364,7 @@ def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sha
     t = res.table
     extra = f", {len(res.networks)} subnets end to end" if res.networks else ""
     print(f"{PROG}: {len(t)} entries ({res.measured} measured now, {res.resumed} from an earlier run{extra}) "
-          f"in {res.seconds:.1f} s -> {out}")
+          f"in {res.seconds:.1f} s -> {out} ({t.source_label})")
     noisy = sum(1 for _, e in t.items() if e.stats is not None and e.stats.noisy)
     if noisy:
         print(f"note: {noisy} entries are noisy (IQR > 10% of the median); the machine was busy")

@@ -223,3 +223,59 @@ def test_cli_refuses_a_bad_resolution(capsys: pytest.CaptureFixture[str]) -> Non
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'12x' is not a resolution" in err and "512x1024" in err
+
+
+def _mac_results(bundle: Path) -> dict:
+    """``results.json`` as runner.py writes it on a Mac (host record included), for every model of ``bundle``."""
+    from latency.bundle_runner import manifest_sha256
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    host = {"platform": "macOS-14.5-arm64-arm-64bit", "system": "Darwin", "machine": "arm64", "cpu": "Apple M2",
+            "cpu_count": 8, "python": "3.11.9", "versions": {"numpy": "2.1.0", "coremltools": "8.3"},
+            "macos": "14.5", "chip": "Apple M2", "model": "Mac14,3"}
+    return {"schema": 1, "manifest_sha256": manifest_sha256(bundle), "device": manifest["device"],
+            "backend": "coreml", "format": "mlpackage", "host": host, "threads": 1, "batch": 1, "warmup": 10,
+            "repeats": 50, "interleave": True, "compute_units": "ALL", "seed": 0,
+            "updated_utc": "2026-12-02T09:00:00+00:00", "complete": True,
+            "results": {e["key"]: {"samples_ms": [0.05, 0.051, 0.049]} for e in manifest["entries"]},
+            "models": {}, "runs": [{"host": {k: host[k] for k in ("platform", "machine", "cpu")}}]}
+
+
+def test_coreml_results_from_a_mac_say_so(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from latency import import_results, predicted_table, write_bundle
+    from nas.cli_build_lut import main
+    from test_lut import SETUP, tiny_v1_space
+
+    space = tiny_v1_space()
+    bundle = tmp_path / "lut-iphone12-32.bundle"
+    write_bundle(space, get_profile("iphone12"), folder=bundle, jobs=1, **SETUP)  # type: ignore[arg-type]
+    (bundle / "results.json").write_text(json.dumps(_mac_results(bundle)))
+    predicted = predicted_table(space, get_profile("iphone12"), **SETUP)  # type: ignore[arg-type]
+    assert predicted.source_label == "predicted" and predicted.stand_in_host is None
+    res = import_results(bundle / "results.json", out=tmp_path / "lut.json", device="iphone12")
+    lut = LatencyTable.load(res.path)
+    assert lut.source_label == "measured-lut (macOS host, not iphone12)"
+    assert lut.stand_in_host == "macOS 14.5, Apple M2 (Mac14,3)"
+    assert "on a macOS host (macOS 14.5, Apple M2 (Mac14,3)), not on the iphone12 itself" in lut.describe()
+    # the same results for a profile that targets macOS measure the device itself
+    mac = LatencyTable.load(res.path)
+    mac.profile = {**mac.profile, "minimum_deployment_target": "macOS14"}
+    assert mac.source_label == "measured-lut" and mac.stand_in_host is None
+    # and the command says so
+    monkeypatch.chdir(tmp_path)
+    assert main(["--device", "iphone12", "--import", str(bundle / "results.json")]) == 0
+    out = capsys.readouterr().out
+    assert "latency source: measured-lut (macOS host, not iphone12)" in out
+    assert "time the Mac that ran the bundle (macOS 14.5, Apple M2 (Mac14,3))" in out
+
+
+def test_runner_host_record_names_the_os() -> None:
+    from latency.bundle_runner import host_info
+
+    info = host_info("onnxruntime")
+    assert info["system"] and info["machine"] and info["cpu"] is not None
+    if sys.platform == "darwin":
+        assert info["macos"] and "chip" in info and "model" in info
+    else:
+        assert "macos" not in info and "chip" not in info
