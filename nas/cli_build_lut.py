@@ -369,8 +369,8 @@ def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sha
     finally:
         bar.close()
     t = res.table
-    extra = f", {len(res.networks)} subnets end to end" if res.networks else ""
-    print(f"{PROG}: {len(t)} entries ({res.measured} measured now, {res.resumed} from an earlier run{extra}) "
+    extra = f" and {len(res.networks)} subnets end to end" if res.networks else ""
+    print(f"{PROG}: {len(t)} entries ({res.measured} measured now, {res.resumed} from an earlier run){extra} "
           f"in {res.seconds:.1f} s -> {out} ({t.source_label})")
     noisy = sum(1 for _, e in t.items() if e.stats is not None and e.stats.noisy)
     if noisy:
@@ -444,10 +444,11 @@ def _validation_archs(args: argparse.Namespace, setup: _Setup, *, default: int) 
     try:
         archs = sample_archs(setup.space, default, seed=args.seed)
     except NasUserError:
-        announce(f"{PROG}: the space has fewer than {default} subnets; no default validation (set --validate N)")
+        announce(f"{PROG}: using --validate 0: the space has fewer than {default} subnets to validate on by default "
+                 f"(set --validate N)")
         return []
-    announce(f"{PROG}: validating on {default} random subnets (default for builds on this machine; "
-             f"--validate 0 skips it)")
+    announce(f"{PROG}: using --validate {default} (default for builds on this machine: {default} random subnets "
+             f"end to end calibrate the LUT; --validate 0 skips it)")
     return archs
 
 

@@ -22,7 +22,7 @@ def test_local_builds_validate_by_default_and_once(tmp_path: Path, capsys: pytes
     monkeypatch.chdir(tmp_path)
     assert main(ARGS) == 0
     captured = capsys.readouterr()
-    assert f"validating on {DEFAULT_VALIDATE} random subnets" in captured.err and "--validate 0" in captured.err
+    assert f"using --validate {DEFAULT_VALIDATE} (default" in captured.err and "--validate 0 skips it" in captured.err
     assert f"raw LUT sums ({DEFAULT_VALIDATE} subnets)" in captured.out
     lut = LatencyTable.load("lut-local-cpu-32.json")
     assert lut.complete and lut.calibration.method != "none" and lut.validation["n"] == DEFAULT_VALIDATE
@@ -39,10 +39,10 @@ def test_validate_0_builds_blocks_only(tmp_path: Path, capsys: pytest.CaptureFix
     monkeypatch.chdir(tmp_path)
     assert main([*ARGS, "--validate", "0"]) == 0
     captured = capsys.readouterr()
-    assert "validating on" not in captured.err and "raw LUT sums" not in captured.out
+    assert "using --validate" not in captured.err and "raw LUT sums" not in captured.out
     lut = LatencyTable.load("lut-local-cpu-32.json")
     assert lut.complete and lut.calibration.method == "none" and lut.validation is None
     assert not Path("lut-local-cpu-32.validation.json").exists()
     # shards are never validated by default (--validate needs the whole LUT)
     assert main([*ARGS, "--shard", "1/2"]) == 0
-    assert "validating on" not in capsys.readouterr().err
+    assert "using --validate" not in capsys.readouterr().err
