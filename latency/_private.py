@@ -24,13 +24,14 @@ from search_spaces import ArchConfig, BlockSpec, LoweringSetup
 from search_spaces.errors import FileFormatError, NasUserError
 
 if TYPE_CHECKING:
+    import torch
+
     from latency.lut import LatencyTable
     from latency.profiles import DeviceProfile
 
 logger = logging.getLogger(__name__)
 
 MODEL_COST = 25  # a whole network costs about as much as this many blocks to export and time
-EXPORT_BATCH_COST = 96
 TOOLKIT_KEY = "toolkit"
 ROUND_LAG = 8
 #: Default number of rounds in which each validation network is timed.
@@ -145,7 +146,7 @@ def quiet_exporter() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"coremltools.*")
 
 
-def _worker_init() -> None:
+def worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -153,7 +154,7 @@ def _worker_init() -> None:
     logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 
-def build_module(item: Item) -> Any:
+def build_module(item: Item) -> torch.nn.Module:
     """The torch module of ``item`` in eval mode: one block, or a whole network."""
     from supernet.blocks import build_block
     from supernet.model import build_model
@@ -170,16 +171,31 @@ def build_module(item: Item) -> Any:
     return module.eval()
 
 
-def materialize(item: Item, path: str, fmt: str, coreml: dict[str, str] | None) -> tuple[str, str, float]:
-    """Build ``item``'s torch module and write it to ``path`` as ONNX or ``.mlpackage`` (runs in workers too)."""
-    from latency.runtime import convert_coreml, export_onnx
+def materialize(item: Item, path: str, fmt: str, coreml: dict[str, str] | None, *, check: bool = True,
+                optimize: dict[str, Any] | None = None) -> tuple[str, str, float]:
+    """Build ``item``'s torch module and write it to ``path`` as ONNX or ``.mlpackage`` (runs in workers too).
+
+    Args:
+        item: what to build.
+        path: the file to write.
+        fmt: ``onnx`` or ``mlpackage``.
+        coreml: CoreML conversion options (``mlpackage`` only).
+        check: run ``onnx.checker`` (files ONNX Runtime loads at once skip it: it checks them anyway).
+        optimize: ONNX Runtime session options (``threads``, ``graph_optimization``,
+            ``providers``): write the graph as ONNX Runtime optimizes it with them, for this
+            machine, to be opened with optimization disabled (which moves that work out of the
+            timing process).
+    """
+    from latency.runtime import convert_coreml, export_onnx, ort_session
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         quiet_exporter()
         module = build_module(item)
-        if fmt == "onnx":
-            export_onnx(module, item.input_shape, path)
+        if fmt == "onnx" and optimize is not None:
+            ort_session(export_onnx(module, item.input_shape, check=check), save_optimized=path, **optimize)
+        elif fmt == "onnx":
+            export_onnx(module, item.input_shape, path, check=check)
         else:
             if coreml is None:
                 raise ValueError("CoreML export needs the profile's CoreML options")
@@ -196,7 +212,7 @@ class Exporter:
         self.pool: ProcessPoolExecutor | None = None
         if jobs > 1 or force_pool:
             self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_init)
+                                            initializer=worker_init)
 
     def submit(self, jobs: list[tuple[Item, str]]) -> list[list[Any]]:
         """Start writing ``(item, path)`` jobs; returns handles for :meth:`wait`."""
@@ -218,8 +234,10 @@ class Exporter:
                 try:
                     future.result()
                 except BrokenProcessPool:
-                    logger.warning("export worker processes failed to start or died (a script that calls this "
-                                   "without `if __name__ == '__main__':` cannot use them); exporting in this process")
+                    if self.pool is not None:  # say it once
+                        logger.warning("export worker processes failed to start or died (a script that calls this "
+                                       "without `if __name__ == '__main__':` cannot use them); exporting in this "
+                                       "process")
                     self.close()
                     materialize(item, path, self.fmt, self.coreml)
                 except NasUserError:

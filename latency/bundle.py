@@ -32,7 +32,7 @@ from latency._private import (
     model_items,
 )
 from latency.profiles import DeviceProfile
-from latency.specs import lut_specs, resolve_setup
+from latency.specs import ResolutionLike, lut_specs, resolve_setup
 from search_spaces import ArchConfig, LoweringSetup, SearchSpace, format_resolution, parse_resolution
 from search_spaces.errors import FileFormatError, NasUserError
 from search_spaces.fileio import atomic_write_json, atomic_write_text, read_json
@@ -54,7 +54,7 @@ class BundleInfo:
     sha256: str
 
 
-def default_bundle_path(device: str, resolution: Any, folder: str | os.PathLike[str] = ".") -> Path:
+def default_bundle_path(device: str, resolution: ResolutionLike, folder: str | os.PathLike[str] = ".") -> Path:
     """``lut-<device>-<resolution>.bundle`` in ``folder`` (``224`` or ``512x1024``).
 
     >>> default_bundle_path("iphone12", (512, 1024)).name
@@ -223,7 +223,7 @@ def write_bundle(
     *,
     folder: str | os.PathLike[str],
     setup: LoweringSetup | None = None,
-    resolution: Any = None,
+    resolution: ResolutionLike | None = None,
     num_classes: int | None = None,
     in_chans: int | None = None,
     distillation: bool | None = None,

@@ -58,9 +58,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+if TYPE_CHECKING:  # types only: the runner imports numpy and its runtime when it needs them
+    import numpy
+    import onnxruntime
 
 __all__ = [
     "SCHEMA",
@@ -317,7 +322,7 @@ def host_info(backend: str) -> dict[str, Any]:
     return info
 
 
-def random_input(shape: Sequence[int], dtype: Any = "float32", *, seed: int = 0) -> Any:
+def random_input(shape: Sequence[int], dtype: str = "float32", *, seed: int = 0) -> numpy.ndarray:
     """Fixed random input: standard normal values from ``numpy.random.default_rng(seed)``.
 
     Args:
@@ -334,7 +339,7 @@ def random_input(shape: Sequence[int], dtype: Any = "float32", *, seed: int = 0)
 # --------------------------------------------------------------------------- runtimes
 
 
-def _import_onnxruntime() -> Any:
+def _import_onnxruntime() -> types.ModuleType:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -342,8 +347,9 @@ def _import_onnxruntime() -> Any:
     return ort
 
 
-def make_ort_session(model: Any, *, threads: int, graph_optimization: str = "all",
-                     providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+def make_ort_session(model: str | os.PathLike[str] | bytes, *, threads: int, graph_optimization: str = "all",
+                     providers: Sequence[str] = ("CPUExecutionProvider",),
+                     save_optimized: str | os.PathLike[str] | None = None) -> onnxruntime.InferenceSession:
     """Open an ONNX Runtime session with pinned threads.
 
     ``intra_op_num_threads = threads``, ``inter_op_num_threads = 1``,
@@ -355,6 +361,8 @@ def make_ort_session(model: Any, *, threads: int, graph_optimization: str = "all
         graph_optimization: disabled, basic, extended or all.
         providers: execution providers in priority order; each must be
             available in this ONNX Runtime build.
+        save_optimized: also write the optimized graph there (valid on this
+            machine only; open it with ``graph_optimization="disabled"``).
 
     Returns:
         An ``onnxruntime.InferenceSession``.
@@ -381,6 +389,8 @@ def make_ort_session(model: Any, *, threads: int, graph_optimization: str = "all
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION_LEVELS[graph_optimization])
     opts.log_severity_level = 3
+    if save_optimized is not None:
+        opts.optimized_model_filepath = str(save_optimized)
     source = bytes(model) if isinstance(model, (bytes, bytearray, memoryview)) else str(model)
     try:
         return ort.InferenceSession(source, sess_options=opts, providers=list(providers))
@@ -392,7 +402,8 @@ def make_ort_session(model: Any, *, threads: int, graph_optimization: str = "all
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 
 
-def ort_run_fn(session: Any, input_shape: Sequence[int], *, seed: int = 0) -> Callable[[], Any]:
+def ort_run_fn(session: onnxruntime.InferenceSession, input_shape: Sequence[int], *,
+               seed: int = 0) -> Callable[[], Any]:
     """A zero-argument function that runs ``session`` once on a fixed random input.
 
     Args:
@@ -504,7 +515,7 @@ def time_runs(fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int,
         return samples
     clock = time.perf_counter_ns
     gc_was_enabled = gc.isenabled()
-    gc.disable()  # no gc.collect() first: in a process holding torch it alone costs ~100 ms
+    gc.disable()  # no gc.collect() first: in a process holding torch it is slow
     try:
         if interleave:
             for _ in range(warmup):

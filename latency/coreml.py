@@ -22,7 +22,8 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from latency import bundle_runner as _runner
 from latency.profiles import COMPUTE_UNITS, DEPLOYMENT_TARGETS
 from latency.runtime import _INPUT_NAME, _OUTPUT_NAME, _bundle_hint, _check_count, _check_shape, torch_threads
 from search_spaces.errors import NasUserError
+
+if TYPE_CHECKING:
+    from coremltools.models import MLModel
 
 __all__ = ["convert_coreml", "coreml_predict_available", "measure_coreml"]
 
@@ -39,7 +43,7 @@ _TQDM_LINE = re.compile(r"\d+%\|")
 _FP16_IO_TARGETS = {"iOS16", "iOS17", "iOS18", "iOS26", "macOS13", "macOS14", "macOS15", "macOS26"}
 
 
-def _import_coremltools() -> Any:
+def _import_coremltools() -> ModuleType:
     try:
         import coremltools as ct
     except ImportError:
@@ -55,8 +59,8 @@ def _captured_stderr() -> Iterator[io.StringIO]:
         yield buf
 
 
-def _check_coreml_args(module: Any, input_shape: Sequence[int], path: str | os.PathLike[str], precision: str,
-                       compute_units: str, target: str) -> tuple[tuple[int, ...], Path]:
+def _check_coreml_args(module: torch.nn.Module, input_shape: Sequence[int], path: str | os.PathLike[str],
+                       precision: str, compute_units: str, target: str) -> tuple[tuple[int, ...], Path]:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
     shape = _check_shape(input_shape)
@@ -72,7 +76,7 @@ def _check_coreml_args(module: Any, input_shape: Sequence[int], path: str | os.P
     return shape, path
 
 
-def _trace(module: torch.nn.Module, shape: tuple[int, ...]) -> Any:
+def _trace(module: torch.nn.Module, shape: tuple[int, ...]) -> torch.jit.ScriptModule:
     """``torch.jit.trace`` of ``module`` in eval mode on one thread (its train/eval mode restored)."""
     was_training = module.training
     module.eval()
@@ -97,7 +101,7 @@ def _trace(module: torch.nn.Module, shape: tuple[int, ...]) -> Any:
         module.train(was_training)
 
 
-def _save_mlpackage(mlmodel: Any, path: Path) -> None:
+def _save_mlpackage(mlmodel: MLModel, path: Path) -> None:
     """Save atomically: into a temporary folder next to ``path``, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".mlpackage", dir=path.parent))

@@ -77,7 +77,8 @@ def _read_results(rpath: Path, bdir: Path) -> dict[str, Any]:
         raise FileFormatError(f"results file {str(rpath)!r} is not a schema-{_runner.SCHEMA} runner results file "
                               f"(need schema, manifest_sha256, device and results)")
     if not (bdir / _runner.MANIFEST_NAME).is_file():
-        raise NasUserError(f"no {_runner.MANIFEST_NAME} next to {str(rpath)!r}; pass the bundle folder with --bundle DIR")
+        raise NasUserError(f"no {_runner.MANIFEST_NAME} next to {str(rpath)!r}; pass the bundle folder with "
+                           f"--bundle DIR")
     return data
 
 
@@ -142,8 +143,10 @@ def _networks(data: dict[str, Any], tk: dict[str, Any], rpath: Path,
     return networks, {k: v for k, v in archs.items() if k in networks}
 
 
-def _into_table(target: Path, fresh: LatencyTable, stats: dict[str, LatencyStats], n_keys: int) -> tuple[LatencyTable, int]:
-    """Measured entries into the table at ``target`` (same setup) or into ``fresh``; returns it and the replaced count."""
+def _into_table(target: Path, fresh: LatencyTable, stats: dict[str, LatencyStats],
+                n_keys: int) -> tuple[LatencyTable, int]:
+    """Measured entries into the table at ``target`` (same setup) or into ``fresh``; returns it and the replaced
+    count."""
     table = open_existing(target, fresh, action="import")
     replaced = 0
     if table is None:

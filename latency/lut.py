@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from latency.calibration import Calibration
 from latency.lut_file import (
     CALIBRATION_METHODS,
     FORMAT,
@@ -45,7 +46,7 @@ from latency.lut_file import (
     now_utc,
     upgrade,
 )
-from latency.calibration import Calibration
+from latency.specs import ResolutionLike
 from latency.stats import LatencyStats
 from search_spaces import LoweringSetup, SearchSpace, format_resolution, parse_resolution, resolution_json
 from search_spaces.errors import FileFormatError, NasUserError
@@ -63,7 +64,7 @@ _SETUP_FIELDS = ("device", "backend", "threads", "batch", "precision", "resoluti
                  "distillation", "task", "space_hash")
 
 
-def default_lut_path(device: str, resolution: Any, folder: str | os.PathLike[str] = ".") -> Path:
+def default_lut_path(device: str, resolution: ResolutionLike, folder: str | os.PathLike[str] = ".") -> Path:
     """Where ``nas-build-lut`` writes, and ``nas-search`` looks for, a device's LUT.
 
     Args:
@@ -188,8 +189,9 @@ class LatencyTable:
     """
 
     def __init__(self, *, device: str, backend: str, space_name: str, space_hash: str,
-                 setup: LoweringSetup | None = None, resolution: Any = None, num_classes: int | None = None,
-                 in_chans: int | None = None, distillation: bool | None = None, task: str | None = None,
+                 setup: LoweringSetup | None = None, resolution: ResolutionLike | None = None,
+                 num_classes: int | None = None, in_chans: int | None = None, distillation: bool | None = None,
+                 task: str | None = None,
                  space: Mapping[str, Any] | None = None, profile: Mapping[str, Any] | None = None,
                  environment: Mapping[str, Any] | None = None, threads: int | None = None, batch: int | None = None,
                  precision: str | None = None, measurement: str = "in-process", statistic: str = "median",
@@ -387,7 +389,7 @@ class LatencyTable:
     def _where(self) -> str:
         return f"LUT {str(self.path)!r}" if self.path is not None else "the LUT"
 
-    def check_compatible(self, *, device: str | None = None, resolution: Any = None,
+    def check_compatible(self, *, device: str | None = None, resolution: ResolutionLike | None = None,
                          space_hash: str | None = None) -> None:
         """Refuse a table built for another device, resolution or search space.
 

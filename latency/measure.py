@@ -1,8 +1,9 @@
 """In-process LUT builds: profile every block spec on this machine, and time whole networks.
 
 :func:`build_lut` (local profiles such as ``local-cpu``): every distinct spec of the space under
-the setup (:func:`latency.specs.lut_specs`) is exported (TorchScript exporter, in ``jobs``
-worker processes while nothing is being timed), loaded into ONNX Runtime with the profile's
+the setup (:func:`latency.specs.lut_specs`) is exported (TorchScript exporter, in worker
+processes ahead of the timing: all of them between timed groups, one per core the timing leaves
+free while it times; see :mod:`latency._pipeline`), loaded into ONNX Runtime with the profile's
 threads and optimisation level, and timed with the bundle runner's own loop
 (:func:`latency.bundle_runner.time_runs`): groups of ``chunk`` blocks are warmed up, then timed
 round-robin, so slow drift spreads over a group instead of biasing a few blocks. A noisy
@@ -16,36 +17,33 @@ measures every n-th spec only; :func:`latency.lut.merge_tables` joins them.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from latency import bundle_runner as _runner
+from latency._pipeline import ExportPipeline, start_workers
 from latency._private import (
-    EXPORT_BATCH_COST,
     VALIDATION_ROUNDS,
     BuildProgress,
-    Exporter,
     Item,
     ProgressFn,
     best_rounds,
     coreml_options,
     default_jobs,
     entry_item,
-    exporter,
     model_items,
     open_existing,
 )
 from latency.lut import LatencyTable
 from latency.profiles import DeviceProfile
-from latency.specs import lut_specs, new_table, resolve_setup
+from latency.specs import ResolutionLike, lut_specs, new_table, resolve_setup
 from latency.stats import LatencyStats
 from search_spaces import ArchConfig, BlockSpec, LoweringSetup, SearchSpace
 from search_spaces.errors import NasUserError
@@ -55,14 +53,24 @@ __all__ = ["BuildProgress", "BuildResult", "VALIDATION_ROUNDS", "build_lut", "me
 logger = logging.getLogger(__name__)
 
 OnGroup = Callable[[list[tuple[Item, list[float]]]], None]
+_BIG_SPACE_PROBES = 1000  # a space with this many probe configs has hundreds of specs (the full V2 space: 16,440)
 
 
 # --------------------------------------------------------------------------- timing on this machine
+def _ort_options(profile: DeviceProfile) -> dict[str, Any] | None:
+    """The session options export workers optimize graphs with (ONNX Runtime profiles), else None."""
+    if profile.backend != "onnxruntime":
+        return None
+    return {"threads": profile.threads, "graph_optimization": profile.graph_optimization,
+            "providers": tuple(profile.providers)}
+
+
 def _run_fn(item: Item, path: str, profile: DeviceProfile) -> Callable[[], Any]:
+    """Open ``item``'s model (its graph already optimized by the export worker) and return one run of it."""
     from latency.runtime import ort_session
 
     if profile.backend == "onnxruntime":
-        session = ort_session(path, threads=profile.threads, graph_optimization=profile.graph_optimization,
+        session = ort_session(path, threads=profile.threads, graph_optimization="disabled",
                               providers=profile.providers)
         return _runner.ort_run_fn(session, item.input_shape)
     return _runner.coreml_run_fn(path, item.input_shape, compute_units=profile.compute_units)
@@ -90,131 +98,64 @@ def _time_group(fns: list[Callable[[], Any]], profile: DeviceProfile, retries: i
     return samples
 
 
-def _batches(groups: list[list[Item]], max_cost: int) -> list[list[list[Item]]]:
-    out: list[list[list[Item]]] = []
-    cost = 0
-    for g in groups:
-        c = sum(i.cost for i in g)
-        if not out or cost + c > max_cost:
-            out.append([])
-            cost = 0
-        out[-1].append(g)
-        cost += c
-    return out
+def _export_workers(total_cost: int, jobs: int | None, overlap: bool | None,
+                    profile: DeviceProfile) -> tuple[int, int]:
+    """Export workers, and how many may export while the main process times.
 
-
-@dataclass
-class _Schedule:
-    """Timing groups, export batches and workers of one measurement run."""
-
-    groups: list[list[Item]]
-    batches: list[list[list[Item]]]
-    jobs: int
-    overlap: bool
-    total: int
-    total_cost: int
-
-
-def _schedule(entries: list[Item], models: list[Item], profile: DeviceProfile, *, jobs: int | None, chunk: int,
-              overlap: bool | None) -> _Schedule:
-    """Group items for timing and batch the groups for export.
-
-    Without ``overlap`` nothing else of ours runs while timing: exports of the next batch
-    happen while the current batch's sessions load, then wait. With ``overlap`` (default when
-    the machine has a spare core for it) one worker keeps exporting ahead on that spare core
-    while the main process times, with ``profile.threads`` on the others.
+    Without ``overlap`` nothing else of ours runs while timing. With it (the default when the
+    machine has a core the timing does not use) that many exports keep going meanwhile; between
+    timed groups every worker exports. Small builds export inline (spawning workers that import
+    torch costs more than it saves).
     """
-    groups = [[item for _, item in g] for g in _runner.plan_groups(entries, models, chunk)]
-    total_cost = sum(i.cost for i in entries) + sum(i.cost for i in models)
     cpus = os.cpu_count() or 1
     if overlap is None:
         overlap = jobs is None and cpus > profile.threads
-    overlap = overlap and total_cost >= 48  # small builds export inline
-    if overlap:
-        n_jobs = jobs if jobs is not None else max(1, min(cpus - profile.threads, 8))
-        batches = _batches(groups, 2 * chunk)  # with workers, a few groups at a time (fewer pauses)
-    else:
-        n_jobs = default_jobs(total_cost, jobs)
-        batches = _batches(groups, EXPORT_BATCH_COST if n_jobs > 1 else 1)  # inline: smooth progress
-    return _Schedule(groups, batches, n_jobs, overlap, len(entries) + len(models), total_cost)
-
-
-class _Session:
-    """One measurement run: exported files in a temporary folder, removed once loaded."""
-
-    def __init__(self, sched: _Schedule, profile: DeviceProfile, tmp: str, ex: Exporter, retries: int,
-                 progress: ProgressFn | None) -> None:
-        self.sched, self.profile, self.tmp, self.ex, self.retries = sched, profile, tmp, ex, retries
-        self.progress = progress
-        self.paths: dict[str, str] = {}
-        self.uses_left: dict[str, int] = {}
-        for g in sched.groups:
-            for item in g:
-                self.uses_left[item.file_key] = self.uses_left.get(item.file_key, 0) + 1
-        self.t_start = time.monotonic()
-        self.done = self.done_cost = 0
-
-    def export(self, bi: int) -> list[list[Any]]:
-        """Start exporting batch ``bi`` (nothing past the last batch)."""
-        if bi >= len(self.sched.batches):
-            return []
-        jobs = []
-        fmt = self.profile.model_format
-        for gi, g in enumerate(self.sched.batches[bi]):
-            for ii, item in enumerate(g):
-                if item.file_key not in self.paths:
-                    self.paths[item.file_key] = os.path.join(self.tmp, f"b{bi}-{gi}-{ii}.{fmt}")
-                    jobs.append((item, self.paths[item.file_key]))
-        return self.ex.submit(jobs)
-
-    def load(self, batch: list[list[Item]]) -> list[list[Callable[[], Any]]]:
-        """Open every model of ``batch``; delete each file after its last use."""
-        fns_per_group = []
-        for g in batch:
-            fns = []
-            for item in g:
-                path = self.paths[item.file_key]
-                fns.append(_run_fn(item, path, self.profile))
-                self.uses_left[item.file_key] -= 1
-                if self.uses_left[item.file_key] == 0:
-                    with contextlib.suppress(OSError):
-                        shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
-            fns_per_group.append(fns)
-        return fns_per_group
-
-    def time(self, batch: list[list[Item]], fns_per_group: list[list[Callable[[], Any]]], on_group: OnGroup) -> None:
-        for g, fns in zip(batch, fns_per_group):
-            samples = _time_group(fns, self.profile, self.retries)
-            on_group(list(zip(g, samples)))
-            self.done += len(g)
-            self.done_cost += sum(i.cost for i in g)
-            if self.progress is not None:
-                elapsed = time.monotonic() - self.t_start
-                left = self.sched.total_cost - self.done_cost
-                eta = elapsed / self.done_cost * left if self.done_cost else None
-                self.progress(BuildProgress("measure", self.done, self.sched.total, elapsed, eta, g[-1].ident))
+    n_jobs = default_jobs(total_cost, jobs)
+    if n_jobs == 1:
+        return 0, 0  # inline
+    return n_jobs, min(n_jobs, max(0, cpus - profile.threads)) if overlap else 0
 
 
 def _measure(entries: list[Item], models: list[Item], profile: DeviceProfile, *, jobs: int | None, chunk: int,
-             on_group: OnGroup, progress: ProgressFn | None, retries: int = 1, overlap: bool | None = None) -> None:
-    """Export and time items on this machine: block groups timed round-robin, whole networks spread between them."""
+             on_group: OnGroup, progress: ProgressFn | None, retries: int = 1, overlap: bool | None = None,
+             pool: ProcessPoolExecutor | None = None) -> None:
+    """Export and time items on this machine: block groups timed round-robin, whole networks spread between them.
+
+    ``pool``: export workers started earlier (:func:`latency._pipeline.start_workers`); shut down here.
+    """
     if not profile.is_local:
         raise NasUserError(f"device {profile.name!r} is not measured on this machine; write a bundle instead")
-    sched = _schedule(entries, models, profile, jobs=jobs, chunk=chunk, overlap=overlap)
-    logger.debug("measuring %d items in %d groups, %d export batches, %d export worker(s)", sched.total,
-                 len(sched.groups), len(sched.batches), sched.jobs)
-    with tempfile.TemporaryDirectory(prefix="nas-lut-") as tmp, \
-            exporter(sched.jobs, profile.model_format, coreml_options(profile), force_pool=sched.overlap) as ex:
-        run = _Session(sched, profile, tmp, ex, retries, progress)
-        pending = run.export(0)
-        for bi, batch in enumerate(sched.batches):
-            ex.wait(pending)
-            pending = run.export(bi + 1)  # export the next batch while this one's sessions load
-            fns_per_group = run.load(batch)
-            if ex.pool is not None and not sched.overlap:
-                ex.wait(pending)  # nothing else runs while timing
-            run.time(batch, fns_per_group, on_group)
-            del fns_per_group
+    groups = [[item for _, item in g] for g in _runner.plan_groups(entries, models, chunk)]
+    total, total_cost = len(entries) + len(models), sum(i.cost for g in groups for i in g)
+    n_jobs, quiet = _export_workers(total_cost, jobs, overlap, profile)
+    if pool is not None and n_jobs == 0:
+        pool.shutdown(wait=False, cancel_futures=True)  # started early, but the build turned out small
+        pool = None
+    logger.debug("measuring %d items in %d groups, %d export worker(s), %d while timing", total, len(groups),
+                 n_jobs, quiet)
+    t_start, done, done_cost = time.monotonic(), 0, 0
+    with tempfile.TemporaryDirectory(prefix="nas-lut-") as tmp:
+        pipe = ExportPipeline(groups, fmt=profile.model_format, coreml=coreml_options(profile), folder=tmp,
+                              jobs=n_jobs, quiet_limit=quiet, lookahead=max(8 * chunk, 32),
+                              optimize=_ort_options(profile), pool=pool)
+        try:
+            for g in groups:
+                pipe.ensure(g)
+                fns = [_run_fn(item, pipe.path(item), profile) for item in g]
+                for item in g:
+                    pipe.release(item)
+                pipe.quiet()
+                samples = _time_group(fns, profile, retries)
+                del fns
+                on_group(list(zip(g, samples)))
+                done += len(g)
+                done_cost += sum(i.cost for i in g)
+                if progress is not None:
+                    elapsed = time.monotonic() - t_start
+                    progress(BuildProgress("measure", done, total, elapsed,
+                                           elapsed / done_cost * (total_cost - done_cost), g[-1].ident))
+        finally:
+            pipe.close()
 
 
 # --------------------------------------------------------------------------- in-process builds
@@ -260,15 +201,38 @@ def _resume_or_new(out: Path, fresh: LatencyTable, statistic: str) -> LatencyTab
     return table
 
 
+def _early_workers(space: SearchSpace, jobs: int | None) -> ProcessPoolExecutor | None:
+    """Export workers started before the specs are enumerated, for builds of a big space with default ``jobs``.
+
+    They import torch while this process enumerates the specs (the same number of workers
+    :func:`latency._private.default_jobs` picks for a big build).
+    """
+    from search_spaces.enumerate import probe_archs
+
+    cpus = os.cpu_count() or 1
+    if jobs is not None or cpus < 2 or len(probe_archs(space)) < _BIG_SPACE_PROBES:
+        return None
+    return start_workers(min(cpus, 8))
+
+
 def _prepare(space: SearchSpace, profile: DeviceProfile, setup: LoweringSetup, *, out: Path,
-             shard: tuple[int, int] | None, statistic: str) -> tuple[LatencyTable, list[BlockSpec], int]:
-    """The table to fill (resumed or new), the specs still to measure, and how many were kept."""
+             shard: tuple[int, int] | None, statistic: str,
+             pool: ProcessPoolExecutor | None) -> tuple[LatencyTable, list[BlockSpec], int]:
+    """The table to fill (resumed or new), the specs still to measure, and how many were kept.
+
+    ``pool`` (workers started early) is shut down when this fails.
+    """
     from latency.runtime import measurement_environment
 
-    specs = lut_specs(space, setup, shard=shard)
-    fresh = new_table(space, profile, setup, measurement="in-process", expected_entries=len(specs), shard=shard,
-                      environment=measurement_environment(profile), statistic=statistic)
-    table = _resume_or_new(out, fresh, statistic)
+    try:
+        specs = lut_specs(space, setup, shard=shard)
+        fresh = new_table(space, profile, setup, measurement="in-process", expected_entries=len(specs), shard=shard,
+                          environment=measurement_environment(profile), statistic=statistic)
+        table = _resume_or_new(out, fresh, statistic)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
     done_keys = {k for k, e in table.items() if e.measured}
     todo = [s for s in specs if s.key not in done_keys]
     resumed = len(specs) - len(todo)
@@ -304,7 +268,7 @@ def build_lut(
     *,
     out: str | os.PathLike[str],
     setup: LoweringSetup | None = None,
-    resolution: Any = None,
+    resolution: ResolutionLike | None = None,
     num_classes: int | None = None,
     in_chans: int | None = None,
     distillation: bool | None = None,
@@ -330,9 +294,7 @@ def build_lut(
         space: the search space.
         profile: a local profile (``profile.is_local``), e.g. ``get_profile("local-cpu")``.
         out: the LUT file.
-        setup: the lowering setup; or give its fields (``resolution``, ``num_classes``,
-            ``in_chans``, ``distillation``, ``task``) as keywords (see
-            :func:`latency.specs.resolve_setup`).
+        setup: the lowering setup; or its fields as keywords (:func:`latency.specs.resolve_setup`).
         shard: ``(i, n)``: measure only this shard's share (see :func:`latency.specs.lut_specs`).
         validation_archs: whole networks to time end to end, interleaved with the block
             groups (their stats come back in :attr:`BuildResult.networks`).
@@ -363,12 +325,14 @@ def build_lut(
     out, t0 = Path(out), time.monotonic()
     setup = resolve_setup(space, setup, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
                           distillation=distillation, task=task)
-    table, todo, resumed = _prepare(space, profile, setup, out=out, shard=shard, statistic=statistic)
+    pool = _early_workers(space, jobs)
+    table, todo, resumed = _prepare(space, profile, setup, out=out, shard=shard, statistic=statistic, pool=pool)
     record = _Recorder(table, out, checkpoint_every_s)
     try:
         _measure([entry_item(s, profile.batch) for s in todo],
                  model_items(validation_archs, batch=profile.batch, setup=setup, rounds=rounds), profile,
-                 jobs=jobs, chunk=chunk, on_group=record, progress=progress, retries=retries, overlap=overlap)
+                 jobs=jobs, chunk=chunk, on_group=record, progress=progress, retries=retries, overlap=overlap,
+                 pool=pool)
     except BaseException:
         if record.measured:
             table.save(out)
@@ -380,8 +344,8 @@ def build_lut(
 
 
 def measure_networks(archs: Sequence[ArchConfig], profile: DeviceProfile, *, setup: LoweringSetup | None = None,
-                     resolution: Any = None, num_classes: int | None = None, in_chans: int | None = None,
-                     distillation: bool | None = None, rounds: int = VALIDATION_ROUNDS, jobs: int | None = None,
+                     resolution: ResolutionLike | None = None, num_classes: int | None = None,
+                     in_chans: int | None = None, distillation: bool | None = None, rounds: int = VALIDATION_ROUNDS, jobs: int | None = None,
                      progress: ProgressFn | None = None) -> dict[str, LatencyStats]:
     """Time whole networks end to end on this machine: each exported once, then timed alone in ``rounds`` rounds.
 

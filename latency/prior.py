@@ -3,7 +3,7 @@
 No iPhone is needed: every block spec is described by a few additive features, and a
 non-negative linear model over them is fitted to the published iPhone 12 latencies of the
 seven EfficientFormer presets (one table throughout: the EfficientFormerV2 paper's, which also
-lists V1 models; DESIGN.md section 3):
+lists V1 models; docs/design.md, section 3):
 
 ======================  =========
 preset                  iPhone 12
@@ -46,13 +46,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from search_spaces import BlockSpec, block_macs, get_preset, lower
 from search_spaces.errors import NasUserError
 from search_spaces.specs import ceil_div
+
+if TYPE_CHECKING:
+    from latency.lut import LatencyTable
+    from latency.profiles import DeviceProfile
+    from latency.specs import ResolutionLike
+    from search_spaces import LoweringSetup, SearchSpace
 
 __all__ = [
     "IPHONE12_PRESET_MS",
@@ -473,17 +479,17 @@ def iphone12_prior(features: Sequence[str] = DEFAULT_FEATURES) -> LatencyPrior:
 
 
 def predicted_table(
-    space: Any,
-    profile: Any,
+    space: SearchSpace,
+    profile: DeviceProfile,
     *,
-    setup: Any = None,
-    resolution: Any = None,
+    setup: LoweringSetup | None = None,
+    resolution: ResolutionLike | None = None,
     num_classes: int | None = None,
     in_chans: int | None = None,
     distillation: bool | None = None,
     task: str | None = None,
     prior: LatencyPrior | None = None,
-) -> Any:
+) -> LatencyTable:
     """A LUT whose every entry is *predicted* by ``prior`` (default :func:`iphone12_prior`).
 
     The prior's per-inference overhead becomes the table's calibration offset (method

@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
@@ -40,6 +40,9 @@ from latency.profiles import DeviceProfile
 from latency.stats import LatencyStats
 from search_spaces.errors import NasUserError
 from search_spaces.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
 
 __all__ = [
     "torch_threads",
@@ -122,6 +125,7 @@ def export_onnx(
     path: str | os.PathLike[str] | None = None,
     *,
     opset: int = 17,
+    check: bool = True,
 ) -> bytes:
     """Export ``module`` to ONNX with the TorchScript exporter and check the result.
 
@@ -139,6 +143,8 @@ def export_onnx(
         path: where to write the ``.onnx`` file (atomically); None keeps it in
             memory only.
         opset: ONNX opset version (>= 11).
+        check: run ``onnx.checker`` on the result (ONNX Runtime checks a model it loads
+            anyway; builds that load at once skip it).
 
     Returns:
         The serialized model, ready for :func:`ort_session`.
@@ -181,7 +187,8 @@ def export_onnx(
     finally:
         module.train(was_training)
     data = buf.getvalue()
-    onnx.checker.check_model(onnx.load_model_from_string(data))
+    if check:
+        onnx.checker.check_model(onnx.load_model_from_string(data))
     if path is not None:
         atomic_write_bytes(path, data)
     return data
@@ -193,7 +200,8 @@ def ort_session(
     threads: int,
     graph_optimization: str = "all",
     providers: Sequence[str] = ("CPUExecutionProvider",),
-) -> Any:
+    save_optimized: str | os.PathLike[str] | None = None,
+) -> InferenceSession:
     """Open an ONNX Runtime session with pinned threads.
 
     ``intra_op_num_threads = threads``, ``inter_op_num_threads = 1`` and
@@ -204,6 +212,8 @@ def ort_session(
         threads: intra-op threads (>= 1).
         graph_optimization: disabled, basic, extended or all.
         providers: execution providers in priority order.
+        save_optimized: also write the graph as optimized at ``graph_optimization`` there;
+            it is valid on this machine only, opened with ``graph_optimization="disabled"``.
 
     Returns:
         An ``onnxruntime.InferenceSession``.
@@ -224,13 +234,14 @@ def ort_session(
             threads=threads,
             graph_optimization=graph_optimization,
             providers=tuple(providers),
+            save_optimized=save_optimized,
         )
     except _runner.BundleError as exc:
         raise NasUserError(str(exc)) from None
 
 
 def measure_ort(
-    session_or_path: Any,
+    session_or_path: InferenceSession | str | os.PathLike[str] | bytes,
     input_shape: Sequence[int],
     *,
     warmup: int,

@@ -21,7 +21,10 @@ if TYPE_CHECKING:
     from latency.lut import LatencyTable
     from latency.profiles import DeviceProfile
 
-__all__ = ["parse_shard", "resolve_setup", "lut_specs", "new_table"]
+__all__ = ["ResolutionLike", "parse_shard", "resolve_setup", "lut_specs", "new_table"]
+
+#: A resolution as callers give it: ``224``, ``"512x1024"``, ``(512, 1024)`` or ``[512, 1024]``.
+ResolutionLike = int | str | tuple[int, int] | list[int]
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -70,7 +73,7 @@ def resolve_setup(space: SearchSpace, setup: LoweringSetup | None = None, **fiel
     return setup
 
 
-def lut_specs(space: SearchSpace, setup: LoweringSetup | None = None, *, resolution: Any = None,
+def lut_specs(space: SearchSpace, setup: LoweringSetup | None = None, *, resolution: ResolutionLike | None = None,
               num_classes: int | None = None, in_chans: int | None = None, distillation: bool | None = None,
               task: str | None = None, shard: tuple[int, int] | None = None) -> list[BlockSpec]:
     """Every distinct spec of ``space`` under a setup (stem, blocks, downsampling, head), sorted by key.
@@ -95,11 +98,10 @@ def lut_specs(space: SearchSpace, setup: LoweringSetup | None = None, *, resolut
     """
     setup = resolve_setup(space, setup, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
                           distillation=distillation, task=task)
-    seen: dict[str, BlockSpec] = {}
+    seen: set[BlockSpec] = set()
     for arch in probe_archs(space):
-        for spec in lower(arch, setup):
-            seen.setdefault(spec.key, spec)
-    specs = [seen[k] for k in sorted(seen)]
+        seen.update(lower(arch, setup))  # specs hash by value: far cheaper than building every key
+    specs = sorted(seen, key=lambda spec: spec.key)
     if setup.task != "classify" and any(s.kind.endswith(".head") for s in specs):
         raise NasUserError(f"task {setup.task!r}: lowering still ends every network with the classifier head; "
                            f"build this LUT with --task classify until it honours the task")

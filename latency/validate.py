@@ -1,7 +1,7 @@
 """Validation and calibration: how well LUT sums predict whole-network latency.
 
 Summing isolated blocks misses fusion across block boundaries and the per-inference overhead
-(DESIGN.md section 5), so a LUT is checked against networks timed end to end: random subnets
+(docs/design.md, section 5), so a LUT is checked against networks timed end to end: random subnets
 of the space, each exported whole. :func:`validate_lut` compares their measured medians with
 the LUT sums, fits a calibration and stores it in the table:
 
@@ -45,11 +45,12 @@ from latency.prior import nnls
 from latency.stats import LatencyStats
 from search_spaces import ArchConfig, SearchSpace, lower, resolution_json
 from search_spaces.errors import NasUserError
-from search_spaces.fileio import atomic_write_json
+from search_spaces.fileio import atomic_write_json, atomic_write_text
 
 __all__ = [
     "ValidationReport",
     "validation_paths",
+    "write_rows_csv",
     "sample_archs",
     "spearman",
     "fidelity_metrics",
@@ -65,6 +66,8 @@ _MIN_ABS_GAIN = 0.001
 
 def validation_paths(lut_path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """The report and plot written next to a LUT: ``<lut stem>.validation.json`` and ``.png``.
+
+    The rows go next to them as ``.csv`` (``json.with_suffix(".csv")``).
 
     >>> [p.name for p in validation_paths("lut-local-cpu-224.json")]
     ['lut-local-cpu-224.validation.json', 'lut-local-cpu-224.validation.png']
@@ -366,6 +369,13 @@ def _plot(path: Path, rows: list[dict[str, Any]], raw: dict[str, Any], cal: dict
     os.replace(tmp, path)
 
 
+def write_rows_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write validation rows (one per network, as in :attr:`ValidationReport.rows`) as CSV, atomically."""
+    import pandas as pd
+
+    return atomic_write_text(path, pd.DataFrame(list(rows)).to_csv(index=False, float_format="%.6g"))
+
+
 def _compare(lut: LatencyTable, named: Sequence[tuple[str, ArchConfig]], networks: Mapping[str, LatencyStats]) -> tuple[
         list[float], list[dict[str, float]], list[float], list[int], list[dict[str, Any]]]:
     """Per network: the LUT sum, its sums per block kind, the measured figure, the block count and a report row."""
@@ -422,6 +432,7 @@ def validate_lut(
     *,
     json_path: str | os.PathLike[str] | None = None,
     png_path: str | os.PathLike[str] | None = None,
+    csv_path: str | os.PathLike[str] | None = None,
     per_kind: bool = True,
     context: Mapping[str, Any] | None = None,
 ) -> ValidationReport:
@@ -437,6 +448,8 @@ def validate_lut(
             :func:`latency.measure.measure_networks` or an imported bundle).
         json_path: where to write the report (None: do not write).
         png_path: where to write the scatter plot (None: do not plot).
+        csv_path: where to write one row per network (name, architecture, measured and
+            predicted figures; None: do not write).
         per_kind: allow per-kind scales.
         context: extra facts for the report (how the networks were measured).
 
@@ -463,6 +476,8 @@ def validate_lut(
                       "date": cal.fitted}
     if jp is not None:
         atomic_write_json(jp, _report(lut, cal, raw_m, cal_m, fidelity_metrics(fitted, meas), rows, context))
+    if csv_path is not None:
+        write_rows_csv(csv_path, rows)
     if pp is not None:
         rho = "n/a" if cal_m["spearman"] is None else f"{cal_m['spearman']:.3f}"
         title = (f"{lut.device} @ {lut.setup.text}px, {len(names)} subnets: Spearman {rho}, "

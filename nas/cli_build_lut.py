@@ -15,12 +15,22 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from search_spaces import TASKS, LoweringSetup, SearchSpace, get_space, list_spaces, parse_resolution, resolution_json
 from search_spaces.errors import NasUserError
 
 from ._cli import NasArgumentParser, announce, int_at_least, run_cli
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from latency.lut import LatencyTable
+    from latency.measure import BuildProgress
+    from latency.profiles import DeviceProfile
+    from latency.stats import LatencyStats
+    from search_spaces import ArchConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -66,7 +76,8 @@ notes:
   An interrupted build resumes: run the same command again and finished entries are kept.
   A LUT of another device, resolution or space is never overwritten or mixed in.
   --validate writes <lut>.validation.json (n, spearman, mape, within_5, within_10; raw and
-  calibrated) and <lut>.validation.png next to the LUT, and stores the calibration in it.
+  calibrated), <lut>.validation.csv (one row per subnet) and <lut>.validation.png next to the
+  LUT, and stores the calibration in it.
   Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted.
 """
 
@@ -139,10 +150,10 @@ class _Progress:
 
     def __init__(self, enabled: bool, label: str) -> None:
         self.enabled, self.label = enabled, label
-        self.bar: Any = None
+        self.bar: tqdm | None = None
         self.last_decile = -1
 
-    def __call__(self, p: Any) -> None:
+    def __call__(self, p: BuildProgress) -> None:
         if not self.enabled:
             return
         if sys.stderr.isatty():
@@ -177,7 +188,7 @@ class _Setup:
         return self.lowering.resolution
 
 
-def _profile(args: argparse.Namespace) -> Any:
+def _profile(args: argparse.Namespace) -> DeviceProfile | None:
     from latency.profiles import get_profile, load_profile_file
 
     if args.device_file:
@@ -193,7 +204,7 @@ def _profile(args: argparse.Namespace) -> Any:
     return profile
 
 
-def _need_profile(profile: Any) -> Any:
+def _need_profile(profile: DeviceProfile | None) -> DeviceProfile:
     if profile is None:
         from latency.profiles import list_profiles
 
@@ -236,9 +247,9 @@ def _setup(args: argparse.Namespace) -> _Setup:
                 f"--space SPACE --resolution PX (spaces: {', '.join(list_spaces())})") from None
     run = load_run(run_dir, check_weights=False)
     dist = run.meta.get("distillation")
-    lowering = LoweringSetup(resolution=args.resolution or run.resolution, num_classes=args.num_classes or run.num_classes,
-                             in_chans=args.in_chans or run.in_chans, distillation=dist if isinstance(dist, bool) else None,
-                             task=args.task or "classify")
+    lowering = LoweringSetup(resolution=args.resolution or run.resolution,
+                             num_classes=args.num_classes or run.num_classes, in_chans=args.in_chans or run.in_chans,
+                             distillation=dist if isinstance(dist, bool) else None, task=args.task or "classify")
     announce(f"{PROG}: using supernet run {run_dir} (space {run.space.name}, hash {run.space.hash}, resolution "
              f"{lowering.text}, {lowering.num_classes} classes, {lowering.in_chans} input channels); set "
              f"--space/--resolution to choose")
@@ -265,21 +276,23 @@ def _pct(x: float) -> str:
 
 
 # --------------------------------------------------------------------------- modes
-def _validate(table: Any, archs: Any, networks: Any, out: Path, context: dict[str, Any]) -> None:
+def _validate(table: LatencyTable, archs: Mapping[str, ArchConfig] | Sequence[ArchConfig],
+              networks: Mapping[str, LatencyStats], out: Path, context: dict[str, Any]) -> None:
     from latency.validate import validate_lut, validation_paths
 
     jp, pp = validation_paths(out)
-    report = validate_lut(table, archs, networks, json_path=jp, png_path=pp, context=context)
+    report = validate_lut(table, archs, networks, json_path=jp, png_path=pp, csv_path=jp.with_suffix(".csv"),
+                          context=context)
     table.save(out)
     print(report.summary())
     cal = report.calibration
     per_block = f", {cal.per_block_ms:+.4f} ms per block" if cal.per_block_ms else ""
     kinds = f", {len(cal.kind_scales)} per-kind scales" if cal.kind_scales else ""
-    print(f"validation: {jp} and {pp}; calibration {cal.method} (scale {cal.scale:.4f}, offset "
-          f"{cal.offset_ms:+.4f} ms{per_block}{kinds}) stored in {out}")
+    print(f"validation: {jp}, {jp.with_suffix('.csv')} and {pp}; calibration {cal.method} (scale {cal.scale:.4f}, "
+          f"offset {cal.offset_ms:+.4f} ms{per_block}{kinds}) stored in {out}")
 
 
-def _merge(args: argparse.Namespace, profile: Any) -> int:
+def _merge(args: argparse.Namespace, profile: DeviceProfile | None) -> int:
     from latency.lut import LatencyTable, default_lut_path
     from latency.merge import merge_tables
 
@@ -299,7 +312,7 @@ def _merge(args: argparse.Namespace, profile: Any) -> int:
     return 0
 
 
-def _import(args: argparse.Namespace, profile: Any) -> int:
+def _import(args: argparse.Namespace, profile: DeviceProfile | None) -> int:
     from latency.importing import import_results
 
     res = import_results(args.import_results, bundle=args.bundle, out=args.out,
@@ -312,8 +325,8 @@ def _import(args: argparse.Namespace, profile: Any) -> int:
           + (f"; replaced {res.replaced_predicted} predicted entries" if res.replaced_predicted else ""))
     print(f"latency source: {t.source_label}")
     if t.stand_in_host is not None:
-        print(f"note: these figures time the Mac that ran the bundle ({t.stand_in_host}), not the {t.device} itself; for "
-              f"the phone itself use Xcode's Core ML performance report on the .mlpackage files")
+        print(f"note: these figures time the Mac that ran the bundle ({t.stand_in_host}), not the {t.device} itself; "
+              f"for the phone itself use Xcode's Core ML performance report on the .mlpackage files")
     if t.predicted:
         print(f"note: {t.n_predicted} entries are still PREDICTED (not in these results)")
     if res.networks and not res.complete:
@@ -324,7 +337,8 @@ def _import(args: argparse.Namespace, profile: Any) -> int:
     return 0
 
 
-def _already_validated(out: Path, profile: Any, setup: _Setup, archs: list[Any], statistic: str) -> bool:
+def _already_validated(out: Path, profile: DeviceProfile, setup: _Setup, archs: list[ArchConfig],
+                       statistic: str) -> bool:
     """True when ``out`` is complete and already validated on exactly these subnets with this statistic."""
     from latency.lut import LatencyTable
     from latency.validate import validation_paths
@@ -348,7 +362,8 @@ def _already_validated(out: Path, profile: Any, setup: _Setup, archs: list[Any],
     return report.get("statistic") == statistic and done == {a.hash for a in archs}
 
 
-def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, shard: Any, archs: list[Any]) -> int:
+def _local(args: argparse.Namespace, profile: DeviceProfile, setup: _Setup, out: Path, shard: tuple[int, int] | None,
+           archs: list[ArchConfig]) -> int:
     from latency.measure import build_lut
 
     statistic = args.statistic or "min"
@@ -382,7 +397,8 @@ def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sha
     return 0
 
 
-def _remote(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, shard: Any, archs: list[Any]) -> int:
+def _remote(args: argparse.Namespace, profile: DeviceProfile, setup: _Setup, out: Path, shard: tuple[int, int] | None,
+            archs: list[ArchConfig]) -> int:
     from latency.bundle import default_bundle_path, write_bundle
     from latency.bundle_runner import BundleError
 
@@ -413,7 +429,7 @@ def _remote(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sh
     return 0
 
 
-def _predicted(profile: Any, setup: _Setup, out: Path) -> None:
+def _predicted(profile: DeviceProfile, setup: _Setup, out: Path) -> None:
     from latency.lut import LatencyTable
     from latency.prior import iphone12_prior, predicted_table
 
@@ -433,7 +449,7 @@ def _predicted(profile: Any, setup: _Setup, out: Path) -> None:
         print(f"note: the prior is fitted at 224 px; at {setup.lowering.text} px its figures are extrapolations")
 
 
-def _validation_archs(args: argparse.Namespace, setup: _Setup, *, default: int) -> list[Any]:
+def _validation_archs(args: argparse.Namespace, setup: _Setup, *, default: int) -> list[ArchConfig]:
     """The subnets to time end to end: ``--validate N`` of them, or ``default`` when it is not given."""
     from latency.validate import sample_archs
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from latency import LatencyTable
@@ -27,6 +28,10 @@ def test_local_builds_validate_by_default_and_once(tmp_path: Path, capsys: pytes
     lut = LatencyTable.load("lut-local-cpu-32.json")
     assert lut.complete and lut.calibration.method != "none" and lut.validation["n"] == DEFAULT_VALIDATE
     assert Path("lut-local-cpu-32.validation.json").is_file()
+    rows = pd.read_csv("lut-local-cpu-32.validation.csv")
+    assert len(rows) == DEFAULT_VALIDATE and rows["arch_hash"].is_unique
+    assert {"name", "arch", "measured_ms", "lut_sum_ms", "loo_ms", "calibrated_ms", "blocks"} <= set(rows.columns)
+    assert (rows["measured_ms"] > 0).all() and (rows["lut_sum_ms"] > 0).all()
     stamp = Path("lut-local-cpu-32.json").stat().st_mtime_ns
     assert main(ARGS) == 0  # the same command again: nothing to measure, nothing rewritten
     assert f"already validated on these {DEFAULT_VALIDATE} subnets" in capsys.readouterr().out

@@ -150,7 +150,8 @@ def test_bad_header_values_are_one_line(change: dict, fragment: str) -> None:
 def test_profile_schema_round_trip() -> None:
     prof = DeviceProfile.from_dict({"name": "m2", "backend": "coreml", "repeats": 3})
     assert prof.precision == "fp16" and prof.providers == ("CPUExecutionProvider",)
-    assert DeviceProfile.from_dict(prof.to_dict()) == prof and hash(prof) == hash(DeviceProfile.from_dict(prof.to_dict()))
+    again = DeviceProfile.from_dict(prof.to_dict())
+    assert again == prof and hash(again) == hash(prof)
     assert prof.replace(batch=4).batch == 4 and prof.batch == 1
     with pytest.raises(NasUserError, match="field 'batch'"):
         prof.replace(batch=0)
