@@ -23,11 +23,8 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from pydantic import TypeAdapter, ValidationError
 
 from latency.calibration import Calibration
 from latency.lut_file import (
@@ -37,12 +34,9 @@ from latency.lut_file import (
     MEASUREMENTS,
     SOURCES,
     STATISTICS,
-    Entry,
-    Figure,
+    LutEntry,
     LutFile,
     LutHeader,
-    MeasuredEntry,
-    PredictedEntry,
     now_utc,
     upgrade,
 )
@@ -51,14 +45,13 @@ from latency.stats import LatencyStats
 from search_spaces import LoweringSetup, SearchSpace, format_resolution, parse_resolution, resolution_json
 from search_spaces.errors import FileFormatError, NasUserError
 from search_spaces.fileio import atomic_write_json, read_json
-from search_spaces.schema import format_validation_error, validate
+from search_spaces.schema import validate
 
 __all__ = ["LUT_SCHEMA", "SOURCES", "MEASUREMENTS", "CALIBRATION_METHODS", "STATISTICS", "LutEntry", "Calibration",
            "LatencyTable", "merge_tables", "default_lut_path"]
 
 logger = logging.getLogger(__name__)
 
-_ENTRY: TypeAdapter[Any] = TypeAdapter(Entry)
 #: Header fields that must agree for two tables to describe the same measurement setup.
 _SETUP_FIELDS = ("device", "backend", "threads", "batch", "precision", "resolution", "num_classes", "in_chans",
                  "distillation", "task", "space_hash")
@@ -79,77 +72,6 @@ def default_lut_path(device: str, resolution: ResolutionLike, folder: str | os.P
     'lut-iphone12-512x1024.json'
     """
     return Path(folder) / f"lut-{device}-{format_resolution(parse_resolution(resolution))}.json"
-
-
-@dataclass(frozen=True)
-class LutEntry:
-    """The latency of one block spec.
-
-    Attributes:
-        median_ms: the figure every prediction uses (ms).
-        source: ``"measured"`` or ``"predicted"``.
-        stats: the full statistics of a measured entry (None for a predicted one).
-
-    Raises:
-        NasUserError: a bad value, a measured entry without stats, or a predicted one with stats.
-    """
-
-    median_ms: float
-    source: str = "measured"
-    stats: LatencyStats | None = None
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise NasUserError(f"`source` must be one of {', '.join(SOURCES)}, got {self.source!r}")
-        if self.source == "measured" and self.stats is None:
-            raise NasUserError("a measured LUT entry needs its stats (count, median, mean, std, p90)")
-        if self.source == "predicted" and self.stats is not None:
-            raise NasUserError("a predicted LUT entry has no measurement stats")
-        figure = validate(Figure, {"median_ms": self.median_ms}, source="LUT entry", error=NasUserError)
-        object.__setattr__(self, "median_ms", figure.median_ms)
-
-    @property
-    def measured(self) -> bool:
-        return self.source == "measured"
-
-    def value(self, statistic: str = "median") -> float:
-        """The figure predictions use: the median or the fastest run of a measured entry; a predicted figure."""
-        if self.stats is None or statistic == "median":
-            return self.median_ms
-        if statistic == "min":
-            return self.stats.min_ms
-        raise NasUserError(f"`statistic` must be one of {', '.join(STATISTICS)}, got {statistic!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The entry as the file stores it."""
-        if self.stats is not None:
-            return {**self.stats.to_dict(), "source": self.source}
-        return {"median_ms": self.median_ms, "count": 0, "source": self.source}
-
-    @classmethod
-    def from_model(cls, model: MeasuredEntry | PredictedEntry) -> LutEntry:
-        """From a validated file entry (:mod:`latency.lut_file`).
-
-        Raises:
-            NasUserError: inconsistent order statistics (``min <= median <= p90``).
-        """
-        if isinstance(model, PredictedEntry):
-            return cls(model.median_ms, "predicted")
-        stats = LatencyStats(**model.model_dump(exclude={"source", "noisy"}))
-        return cls(stats.median_ms, "measured", stats)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> LutEntry:
-        """Inverse of :meth:`to_dict`.
-
-        Raises:
-            NasUserError: not an entry (the message names the field and the allowed values).
-        """
-        try:
-            model = _ENTRY.validate_python(data, strict=True)
-        except ValidationError as exc:
-            raise NasUserError(format_validation_error(exc, source="LUT entry")) from None
-        return cls.from_model(model)
 
 
 class LatencyTable:

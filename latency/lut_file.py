@@ -19,8 +19,8 @@ File format (``lut-<device>-<res>.json``, JSON, schema 2)::
                  "std_ms": ..., "p90_ms": ..., "iqr_ms": ..., "min_ms": ..., "noisy": false,
                  "source": "measured"}, ...}}
 
-The resolution is an int for a square input and ``[height, width]`` otherwise. A predicted
-entry stores only ``{"median_ms": x, "count": 0, "source": "predicted"}``.
+The resolution is an int for a square input and ``[height, width]`` otherwise. In memory an
+entry is a :class:`LutEntry`. A predicted entry stores only ``{"median_ms": x, "count": 0, "source": "predicted"}``.
 
 Schema 1 (every file written before the resolution could be non-square) is read and converted
 on load: it has no ``task`` (it is ``classify``), and its keys are re-emitted through
@@ -30,17 +30,19 @@ stage-3 attention stride, come out in today's spelling).
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
 from latency.profiles import BACKENDS, PRECISIONS
 from search_spaces import TASKS, BlockSpec, parse_resolution, resolution_json
 from search_spaces.errors import FileFormatError, NasUserError
-from search_spaces.schema import Schema
+from latency.stats import LatencyStats
+from search_spaces.schema import Schema, format_validation_error, validate
 
 __all__ = ["LUT_SCHEMA", "FORMAT", "SOURCES", "MEASUREMENTS", "CALIBRATION_METHODS", "STATISTICS",
-           "Figure", "MeasuredEntry", "PredictedEntry", "Entry", "CalibrationModel", "LutHeader", "LutFile", "upgrade"]
+           "Figure", "MeasuredEntry", "PredictedEntry", "Entry", "LutEntry", "CalibrationModel", "LutHeader", "LutFile", "upgrade"]
 
 LUT_SCHEMA = 2
 FORMAT = "formslim-nas latency LUT"
@@ -196,3 +198,74 @@ def upgrade(data: dict[str, Any], *, where: str) -> dict[str, Any]:
         expected = out.get("expected_entries")
         out.setdefault("complete", expected is None or len(renamed) >= expected)
     return out
+
+
+@dataclass(frozen=True)
+class LutEntry:
+    """The latency of one block spec.
+
+    Attributes:
+        median_ms: the figure every prediction uses (ms).
+        source: ``"measured"`` or ``"predicted"``.
+        stats: the full statistics of a measured entry (None for a predicted one).
+
+    Raises:
+        NasUserError: a bad value, a measured entry without stats, or a predicted one with stats.
+    """
+
+    median_ms: float
+    source: str = "measured"
+    stats: LatencyStats | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise NasUserError(f"`source` must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if self.source == "measured" and self.stats is None:
+            raise NasUserError("a measured LUT entry needs its stats (count, median, mean, std, p90)")
+        if self.source == "predicted" and self.stats is not None:
+            raise NasUserError("a predicted LUT entry has no measurement stats")
+        figure = validate(Figure, {"median_ms": self.median_ms}, source="LUT entry", error=NasUserError)
+        object.__setattr__(self, "median_ms", figure.median_ms)
+
+    @property
+    def measured(self) -> bool:
+        return self.source == "measured"
+
+    def value(self, statistic: str = "median") -> float:
+        """The figure predictions use: the median or the fastest run of a measured entry; a predicted figure."""
+        if self.stats is None or statistic == "median":
+            return self.median_ms
+        if statistic == "min":
+            return self.stats.min_ms
+        raise NasUserError(f"`statistic` must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as the file stores it."""
+        if self.stats is not None:
+            return {**self.stats.to_dict(), "source": self.source}
+        return {"median_ms": self.median_ms, "count": 0, "source": self.source}
+
+    @classmethod
+    def from_model(cls, model: MeasuredEntry | PredictedEntry) -> LutEntry:
+        """From a validated file entry (:mod:`latency.lut_file`).
+
+        Raises:
+            NasUserError: inconsistent order statistics (``min <= median <= p90``).
+        """
+        if isinstance(model, PredictedEntry):
+            return cls(model.median_ms, "predicted")
+        stats = LatencyStats(**model.model_dump(exclude={"source", "noisy"}))
+        return cls(stats.median_ms, "measured", stats)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LutEntry:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            NasUserError: not an entry (the message names the field and the allowed values).
+        """
+        try:
+            model = TypeAdapter(Entry).validate_python(data, strict=True)
+        except ValidationError as exc:
+            raise NasUserError(format_validation_error(exc, source="LUT entry")) from None
+        return cls.from_model(model)

@@ -247,7 +247,7 @@ class _Recorder:
     def __init__(self, table: LatencyTable, out: Path, every_s: float) -> None:
         self.table, self.out, self.every_s = table, out, every_s
         self.net_samples: dict[str, list[list[float]]] = {}
-        self.measured = 0
+        self.measured = self.saved = 0
         self.last_save = time.monotonic()
 
     def __call__(self, results: list[tuple[Item, list[float]]]) -> None:
@@ -257,9 +257,10 @@ class _Recorder:
                 self.measured += 1
             else:
                 self.net_samples.setdefault(item.file_key, []).append(samples)
-        if time.monotonic() - self.last_save >= self.every_s:
+        # save only new entries (a group that held a whole network leaves nothing to resume)
+        if self.measured > self.saved and time.monotonic() - self.last_save >= self.every_s:
             self.table.save(self.out)
-            self.last_save = time.monotonic()
+            self.last_save, self.saved = time.monotonic(), self.measured
 
 
 def build_lut(
