@@ -12,16 +12,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .lut import Calibration, LatencyTable, LutEntry, default_lut_path, merge_tables
+from .calibration import Calibration
+from .lut import LatencyTable, LutEntry, default_lut_path
+from .merge import merge_tables
 from .predict import BlockLatency, LatencyBreakdown, check_covers, predict_breakdown, predict_latency
 from .prior import IPHONE12_PRESET_MS, LatencyPrior, fit_prior, iphone12_prior, predicted_table
 from .profiles import DeviceProfile, get_profile, list_profiles, load_profile_file
 from .stats import LatencyStats
 
 _LAZY = {
-    "BuildProgress": "build", "BuildResult": "build", "BundleInfo": "build", "ImportResult": "build",
-    "build_lut": "build", "default_bundle_path": "build", "import_results": "build", "lut_specs": "build",
-    "measure_networks": "build", "parse_shard": "build", "write_bundle": "build",
+    "BuildProgress": "measure", "BuildResult": "measure", "build_lut": "measure", "measure_networks": "measure",
+    "BundleInfo": "bundle", "default_bundle_path": "bundle", "write_bundle": "bundle",
+    "ImportResult": "importing", "import_results": "importing",
+    "lut_specs": "specs", "parse_shard": "specs", "resolve_setup": "specs",
     "ValidationReport": "validate", "fidelity_metrics": "validate", "fit_calibration": "validate",
     "sample_archs": "validate", "validate_lut": "validate", "validation_paths": "validate",
     "export_onnx": "runtime", "measure_module": "runtime", "convert_coreml": "runtime",

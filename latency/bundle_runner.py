@@ -1,4 +1,8 @@
 #!/usr/bin/env python3
+# One file on purpose, over the house limit of 500 lines: it is copied into every bundle and run
+# on phones and Macs with only numpy plus onnxruntime or coremltools, so it cannot import helpers
+# from elsewhere. It holds manifest validation, host information, the two runtimes, the timing
+# loop, the results file and the command line; every function stays under 80 lines.
 """Time the models of a latency bundle on this device and write ``results.json``.
 
 This file is copied into every bundle as ``runner.py`` and runs on the target
@@ -50,12 +54,18 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+if TYPE_CHECKING:  # types only: the runner imports numpy and its runtime when it needs them
+    import numpy
+    import onnxruntime
 
 __all__ = [
     "SCHEMA",
@@ -69,8 +79,11 @@ __all__ = [
     "ort_run_fn",
     "coreml_run_fn",
     "time_runs",
+    "plan_groups",
     "main",
 ]
+
+T = TypeVar("T")
 
 SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
@@ -152,6 +165,32 @@ def _check_file(bundle: Path, value: Any, where: str, fmt: str) -> Path:
     return path
 
 
+def _check_items(bundle: Path, items: Any, where: str, id_field: str, fmt: str,
+                 batch: int | None) -> list[dict[str, Any]]:
+    """Validate a manifest's ``entries`` or ``models`` list; each item gains ``path``."""
+    if not isinstance(items, list):
+        raise BundleError(f"{where} must be a list, got {type(items).__name__}")
+    seen = set()
+    clean = []
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise BundleError(f"{at} must be an object with {id_field}, file and input_shape")
+        ident = item.get(id_field)
+        if not isinstance(ident, str) or not ident:
+            raise BundleError(f"{at}.{id_field} must be a non-empty string, got {ident!r}")
+        if ident in seen:
+            raise BundleError(f"{at}.{id_field} {ident!r} appears twice; each must be unique")
+        seen.add(ident)
+        clean.append({
+            id_field: ident,
+            "file": item.get("file"),
+            "path": _check_file(bundle, item.get("file"), at, fmt),
+            "input_shape": _check_shape(item.get("input_shape"), at, batch),
+        })
+    return clean
+
+
 def load_manifest(bundle: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     """Read and validate a bundle's manifest.
 
@@ -211,28 +250,8 @@ def load_manifest(bundle: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
         raise BundleError(f"{where}: compute_units must be one of {', '.join(COMPUTE_UNITS)}, got {units!r}")
     m["compute_units"] = units
     for list_name, id_field in (("entries", "key"), ("models", "name")):
-        items = m.get(list_name, [] if list_name == "models" else None)
-        if not isinstance(items, list):
-            raise BundleError(f"{where}: {list_name} must be a list, got {type(items).__name__}")
-        seen = set()
-        clean = []
-        for i, item in enumerate(items):
-            at = f"{where}: {list_name}[{i}]"
-            if not isinstance(item, dict):
-                raise BundleError(f"{at} must be an object with {id_field}, file and input_shape")
-            ident = item.get(id_field)
-            if not isinstance(ident, str) or not ident:
-                raise BundleError(f"{at}.{id_field} must be a non-empty string, got {ident!r}")
-            if ident in seen:
-                raise BundleError(f"{at}.{id_field} {ident!r} appears twice; each must be unique")
-            seen.add(ident)
-            clean.append({
-                id_field: ident,
-                "file": item.get("file"),
-                "path": _check_file(bundle, item.get("file"), at, fmt),
-                "input_shape": _check_shape(item.get("input_shape"), at, m["batch"]),
-            })
-        m[list_name] = clean
+        m[list_name] = _check_items(bundle, m.get(list_name, [] if list_name == "models" else None),
+                                    f"{where}: {list_name}", id_field, fmt, m["batch"])
     if not m["entries"] and not m["models"]:
         raise BundleError(f"{where}: entries and models are both empty; nothing to measure")
     return m, digest
@@ -241,7 +260,20 @@ def load_manifest(bundle: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
 # --------------------------------------------------------------------------- host and inputs
 
 
+def _sysctl(name: str) -> str | None:
+    """A macOS ``sysctl -n`` value (None when unavailable)."""
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def _cpu_name() -> str:
+    if sys.platform == "darwin":
+        chip = _sysctl("machdep.cpu.brand_string")  # "Apple M2", or the Intel CPU's name
+        if chip:
+            return chip
     if sys.platform.startswith("linux"):
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
@@ -258,8 +290,9 @@ def host_info(backend: str) -> dict[str, Any]:
 
     Returns:
         A JSON-ready dict: platform, system, machine, cpu, cpu_count, python,
-        versions (numpy and the runtime), and for ONNX Runtime the available
-        execution providers.
+        versions (numpy and the runtime), for ONNX Runtime the available
+        execution providers, and on macOS ``macos`` (the version), ``chip``
+        (e.g. "Apple M2") and ``model`` (e.g. "Mac14,3").
     """
     import numpy as np
 
@@ -282,12 +315,14 @@ def host_info(backend: str) -> dict[str, Any]:
             info["versions"]["coremltools"] = ct.__version__
         except ImportError:
             info["versions"]["coremltools"] = None
-        if sys.platform == "darwin":
-            info["macos"] = platform.mac_ver()[0]
+    if sys.platform == "darwin":  # a Mac times itself: say which one (a LUT imported from it says so too)
+        info["macos"] = platform.mac_ver()[0]
+        info["chip"] = info["cpu"]
+        info["model"] = _sysctl("hw.model")
     return info
 
 
-def random_input(shape: Sequence[int], dtype: Any = "float32", *, seed: int = 0) -> Any:
+def random_input(shape: Sequence[int], dtype: str = "float32", *, seed: int = 0) -> numpy.ndarray:
     """Fixed random input: standard normal values from ``numpy.random.default_rng(seed)``.
 
     Args:
@@ -304,7 +339,7 @@ def random_input(shape: Sequence[int], dtype: Any = "float32", *, seed: int = 0)
 # --------------------------------------------------------------------------- runtimes
 
 
-def _import_onnxruntime() -> Any:
+def _import_onnxruntime() -> types.ModuleType:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -312,8 +347,9 @@ def _import_onnxruntime() -> Any:
     return ort
 
 
-def make_ort_session(model: Any, *, threads: int, graph_optimization: str = "all",
-                     providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+def make_ort_session(model: str | os.PathLike[str] | bytes, *, threads: int, graph_optimization: str = "all",
+                     providers: Sequence[str] = ("CPUExecutionProvider",),
+                     save_optimized: str | os.PathLike[str] | None = None) -> onnxruntime.InferenceSession:
     """Open an ONNX Runtime session with pinned threads.
 
     ``intra_op_num_threads = threads``, ``inter_op_num_threads = 1``,
@@ -325,6 +361,8 @@ def make_ort_session(model: Any, *, threads: int, graph_optimization: str = "all
         graph_optimization: disabled, basic, extended or all.
         providers: execution providers in priority order; each must be
             available in this ONNX Runtime build.
+        save_optimized: also write the optimized graph there (valid on this
+            machine only; open it with ``graph_optimization="disabled"``).
 
     Returns:
         An ``onnxruntime.InferenceSession``.
@@ -351,6 +389,8 @@ def make_ort_session(model: Any, *, threads: int, graph_optimization: str = "all
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION_LEVELS[graph_optimization])
     opts.log_severity_level = 3
+    if save_optimized is not None:
+        opts.optimized_model_filepath = str(save_optimized)
     source = bytes(model) if isinstance(model, (bytes, bytearray, memoryview)) else str(model)
     try:
         return ort.InferenceSession(source, sess_options=opts, providers=list(providers))
@@ -362,7 +402,8 @@ def make_ort_session(model: Any, *, threads: int, graph_optimization: str = "all
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 
 
-def ort_run_fn(session: Any, input_shape: Sequence[int], *, seed: int = 0) -> Callable[[], Any]:
+def ort_run_fn(session: onnxruntime.InferenceSession, input_shape: Sequence[int], *,
+               seed: int = 0) -> Callable[[], Any]:
     """A zero-argument function that runs ``session`` once on a fixed random input.
 
     Args:
@@ -474,7 +515,7 @@ def time_runs(fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int,
         return samples
     clock = time.perf_counter_ns
     gc_was_enabled = gc.isenabled()
-    gc.disable()  # no gc.collect() first: in a process holding torch it alone costs ~100 ms
+    gc.disable()  # no gc.collect() first: in a process holding torch it is slow
     try:
         if interleave:
             for _ in range(warmup):
@@ -655,14 +696,31 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _plan(entries: list[dict[str, Any]], models: list[dict[str, Any]],
-          chunk: int) -> list[list[tuple[str, dict[str, Any]]]]:
-    """Groups of work: blocks in chunks, whole models one per group, spread evenly between them."""
-    groups = [[("entry", e) for e in entries[i:i + chunk]] for i in range(0, len(entries), chunk)]
+def plan_groups(entries: Sequence[T], models: Sequence[T], chunk: int) -> list[list[tuple[str, T]]]:
+    """The order of work: blocks in groups of ``chunk``, whole models one per group, spread evenly between them.
+
+    The toolkit's in-process builds use the same plan, so local and bundle measurements time
+    the same groups in the same order.
+
+    Args:
+        entries: block models (any objects).
+        models: whole networks.
+        chunk: blocks per group (>= 1).
+
+    Returns:
+        Groups of ``("entry", e)`` or ``("model", m)`` pairs.
+
+    >>> plan_groups(["a", "b", "c"], ["M"], 2)
+    [[('entry', 'a'), ('entry', 'b')], [('model', 'M')], [('entry', 'c')]]
+    """
+    if not _is_int(chunk) or chunk < 1:
+        raise BundleError(f"chunk must be an integer >= 1, got {chunk!r}")
+    groups: list[list[tuple[str, T]]] = [[("entry", e) for e in entries[i:i + chunk]]
+                                         for i in range(0, len(entries), chunk)]
     if not models:
         return groups
     n = len(groups)
-    out: list[list[tuple[str, dict[str, Any]]]] = []
+    out: list[list[tuple[str, T]]] = []
     slots = [int((j + 0.5) * n / len(models)) for j in range(len(models))]
     for i in range(n + 1):
         for j, slot in enumerate(slots):
@@ -680,126 +738,147 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _run(args: argparse.Namespace) -> int:
-    bundle = args.bundle
-    manifest, digest = load_manifest(bundle)
-    backend = manifest["backend"]
-    threads = args.threads if args.threads is not None else manifest["threads"]
-    warmup = args.warmup if args.warmup is not None else manifest["warmup"]
-    repeats = args.repeats if args.repeats is not None else manifest["repeats"]
-    out = args.out if args.out is not None else bundle / RESULTS_NAME
-    say = (lambda msg: None) if args.quiet else (lambda msg: sys.stderr.write(msg + "\n"))
+class _Run:
+    """One run of the runner: settings, the results so far, and the results document."""
 
-    results: dict[str, Any] = {}
-    models: dict[str, Any] = {}
-    runs: list[Any] = []
-    if out.exists() and not args.fresh:
-        results, models, runs, note = _previous_results(out, manifest, digest, threads, args.only_missing)
-        say(note)
-    if backend == "coreml" and sys.platform != "darwin":
-        raise BundleError(f"CoreML prediction needs macOS; this is {platform.system()} {platform.machine()}. "
-                          f"Copy the bundle to a Mac and run runner.py there")
-    host = host_info(backend)
-    if backend == "onnxruntime":
-        missing = [p for p in manifest["providers"] if p not in host["providers"]]
-        if missing:
-            raise BundleError(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
-                              f"{host['versions']['onnxruntime']}; available: {', '.join(host['providers'])}")
-    if args.check:
-        say(f"bundle OK: {len(manifest['entries'])} entries, {len(manifest['models'])} models, "
-            f"{len(results) + len(models)} already measured in {str(out)!r}")
-        return 0
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.manifest, self.digest = load_manifest(args.bundle)
+        m = self.manifest
+        self.backend = m["backend"]
+        self.threads = args.threads if args.threads is not None else m["threads"]
+        self.warmup = args.warmup if args.warmup is not None else m["warmup"]
+        self.repeats = args.repeats if args.repeats is not None else m["repeats"]
+        self.interleave = not args.no_interleave
+        self.out = args.out if args.out is not None else args.bundle / RESULTS_NAME
+        self.say: Callable[[str], None] = (lambda msg: None) if args.quiet else \
+            (lambda msg: sys.stderr.write(msg + "\n"))
+        self.results: dict[str, Any] = {}
+        self.models: dict[str, Any] = {}
+        self.runs: list[Any] = []
+        if self.out.exists() and not args.fresh:
+            self.results, self.models, self.runs, note = _previous_results(self.out, m, self.digest, self.threads,
+                                                                           args.only_missing)
+            self.say(note)
+        self.host: dict[str, Any] = {}
+        self.record: dict[str, Any] = {}
 
-    todo_entries = [e for e in manifest["entries"] if e["key"] not in results]
-    todo_models = [m for m in manifest["models"] if m["name"] not in models]
-    total = len(todo_entries) + len(todo_models)
-    run_record = {"started_utc": _utc_now(), "finished_utc": None, "threads": threads, "warmup": warmup,
-                  "repeats": repeats, "interleave": not args.no_interleave, "chunk": args.chunk,
-                  "measured": 0, "host": {k: host[k] for k in ("platform", "machine", "cpu")}}
-    earlier_hosts = {json.dumps(r.get("host"), sort_keys=True) for r in runs if isinstance(r, dict)}
-    if earlier_hosts - {json.dumps(run_record["host"], sort_keys=True)}:
-        say(f"warning: earlier results in {str(out)!r} came from another host or OS version; "
-            f"pass --fresh to measure everything on this one")
-    runs = runs + [run_record]
-    if backend == "coreml":
-        say("note: CoreML on macOS times this Mac, not an iPhone; results.json records the host")
+    def check_host(self) -> None:
+        """Refuse a host that cannot run this bundle (CoreML off macOS, a missing execution provider)."""
+        if self.backend == "coreml" and sys.platform != "darwin":
+            raise BundleError(f"CoreML prediction needs macOS; this is {platform.system()} {platform.machine()}. "
+                              f"Copy the bundle to a Mac and run runner.py there")
+        self.host = host_info(self.backend)
+        if self.backend == "onnxruntime":
+            missing = [p for p in self.manifest["providers"] if p not in self.host["providers"]]
+            if missing:
+                raise BundleError(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
+                                  f"{self.host['versions']['onnxruntime']}; available: "
+                                  f"{', '.join(self.host['providers'])}")
 
-    def document(complete: bool) -> dict[str, Any]:
+    def start_record(self, chunk: int) -> None:
+        """Append this run's record (settings and host) to the runs of the results file."""
+        self.record = {"started_utc": _utc_now(), "finished_utc": None, "threads": self.threads,
+                       "warmup": self.warmup, "repeats": self.repeats, "interleave": self.interleave,
+                       "chunk": chunk, "measured": 0,
+                       "host": {k: self.host.get(k) for k in ("platform", "machine", "cpu")}}
+        earlier = {json.dumps(r.get("host"), sort_keys=True) for r in self.runs if isinstance(r, dict)}
+        if earlier - {json.dumps(self.record["host"], sort_keys=True)}:
+            self.say(f"warning: earlier results in {str(self.out)!r} came from another host or OS version; "
+                     f"pass --fresh to measure everything on this one")
+        self.runs = self.runs + [self.record]
+
+    def document(self, complete: bool) -> dict[str, Any]:
+        m, ort = self.manifest, self.backend == "onnxruntime"
         return {
-            "schema": SCHEMA,
-            "manifest_sha256": digest,
-            "device": manifest["device"],
-            "backend": backend,
-            "format": manifest["format"],
-            "host": host,
-            "threads": threads,
-            "batch": manifest["batch"],
-            "warmup": warmup,
-            "repeats": repeats,
-            "interleave": not args.no_interleave,
-            "providers": manifest["providers"] if backend == "onnxruntime" else None,
-            "graph_optimization": manifest["graph_optimization"] if backend == "onnxruntime" else None,
-            "compute_units": manifest["compute_units"] if backend == "coreml" else None,
-            "seed": manifest["seed"],
-            "updated_utc": _utc_now(),
-            "complete": complete,
-            "results": {e["key"]: results[e["key"]] for e in manifest["entries"] if e["key"] in results},
-            "models": {m["name"]: models[m["name"]] for m in manifest["models"] if m["name"] in models},
-            "runs": runs,
+            "schema": SCHEMA, "manifest_sha256": self.digest, "device": m["device"], "backend": self.backend,
+            "format": m["format"], "host": self.host, "threads": self.threads, "batch": m["batch"],
+            "warmup": self.warmup, "repeats": self.repeats, "interleave": self.interleave,
+            "providers": m["providers"] if ort else None,
+            "graph_optimization": m["graph_optimization"] if ort else None,
+            "compute_units": m["compute_units"] if self.backend == "coreml" else None,
+            "seed": m["seed"], "updated_utc": _utc_now(), "complete": complete,
+            "results": {e["key"]: self.results[e["key"]] for e in m["entries"] if e["key"] in self.results},
+            "models": {x["name"]: self.models[x["name"]] for x in m["models"] if x["name"] in self.models},
+            "runs": self.runs,
         }
 
-    say(f"{manifest['device']} ({backend}, {threads} thread(s), warmup {warmup}, repeats {repeats}): "
-        f"{total} to measure, {len(results) + len(models)} already done -> {out}")
+    def save(self, complete: bool, measured: int) -> None:
+        self.record["measured"] = measured
+        if complete:
+            self.record["finished_utc"] = _utc_now()
+        _write_json_atomic(self.out, self.document(complete=complete))
+
+    def run_fns(self, group: list[tuple[str, dict[str, Any]]]) -> list[Callable[[], Any]]:
+        """Load every model of ``group``; a failure names the model and its file."""
+        m, fns = self.manifest, []
+        for kind, item in group:
+            try:
+                if self.backend == "onnxruntime":
+                    session = make_ort_session(item["path"], threads=self.threads,
+                                               graph_optimization=m["graph_optimization"], providers=m["providers"])
+                    fns.append(ort_run_fn(session, item["input_shape"], seed=m["seed"]))
+                else:
+                    fns.append(coreml_run_fn(item["path"], item["input_shape"], compute_units=m["compute_units"],
+                                             seed=m["seed"]))
+            except (BundleError, RunFailure) as exc:
+                ident = item["key"] if kind == "entry" else item["name"]
+                raise type(exc)(f"{kind} {ident!r} ({item['file']}): {exc}") from None
+        return fns
+
+    def time_group(self, group: list[tuple[str, dict[str, Any]]]) -> list[list[float]]:
+        fns = self.run_fns(group)
+        try:
+            return time_runs(fns, warmup=self.warmup, repeats=self.repeats, interleave=self.interleave)
+        except Exception as exc:
+            names = ", ".join(repr(item.get("key", item.get("name"))) for _, item in group)
+            raise RunFailure(f"running {names} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+
+
+def _measure_all(run: _Run, chunk: int) -> int:
+    """Time every model still to do, saving after each group; returns the exit code."""
+    m = run.manifest
+    todo_entries = [e for e in m["entries"] if e["key"] not in run.results]
+    todo_models = [x for x in m["models"] if x["name"] not in run.models]
+    total = len(todo_entries) + len(todo_models)
+    run.say(f"{m['device']} ({run.backend}, {run.threads} thread(s), warmup {run.warmup}, repeats {run.repeats}): "
+            f"{total} to measure, {len(run.results) + len(run.models)} already done -> {run.out}")
     done = 0
     t_start = time.monotonic()
     try:
-        for group in _plan(todo_entries, todo_models, args.chunk):
-            fns = []
-            for kind, item in group:
-                ident = item["key"] if kind == "entry" else item["name"]
-                try:
-                    if backend == "onnxruntime":
-                        session = make_ort_session(item["path"], threads=threads,
-                                                   graph_optimization=manifest["graph_optimization"],
-                                                   providers=manifest["providers"])
-                        fns.append(ort_run_fn(session, item["input_shape"], seed=manifest["seed"]))
-                    else:
-                        fns.append(coreml_run_fn(item["path"], item["input_shape"],
-                                                 compute_units=manifest["compute_units"], seed=manifest["seed"]))
-                except (BundleError, RunFailure) as exc:
-                    raise type(exc)(f"{kind} {ident!r} ({item['file']}): {exc}") from None
-            try:
-                samples = time_runs(fns, warmup=warmup, repeats=repeats, interleave=not args.no_interleave)
-            except Exception as exc:
-                names = ", ".join(repr(item.get("key", item.get("name"))) for _, item in group)
-                raise RunFailure(f"running {names} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
-                    from exc
-            del fns
-            for (kind, item), s in zip(group, samples):
+        for group in plan_groups(todo_entries, todo_models, chunk):
+            for (kind, item), s in zip(group, run.time_group(group)):
                 record = {"samples_ms": [round(x, 5) for x in s]}
                 if kind == "entry":
-                    results[item["key"]] = record
+                    run.results[item["key"]] = record
                 else:
-                    models[item["name"]] = record
+                    run.models[item["name"]] = record
                 done += 1
-                ordered = sorted(s)
-                elapsed = time.monotonic() - t_start
-                eta = elapsed / done * (total - done)
+                eta = (time.monotonic() - t_start) / done * (total - done)
                 ident = item["key"] if kind == "entry" else "model " + item["name"]
-                say(f"[{done:>{len(str(total))}}/{total}] {ident}  median {ordered[len(ordered) // 2]:.3f} ms  "
-                    f"(eta {_format_eta(eta)})")
-            run_record["measured"] = done
-            _write_json_atomic(out, document(complete=False))
+                run.say(f"[{done:>{len(str(total))}}/{total}] {ident}  median {sorted(s)[len(s) // 2]:.3f} ms  "
+                        f"(eta {_format_eta(eta)})")
+            run.save(complete=False, measured=done)
     except KeyboardInterrupt:
-        run_record["measured"] = done
-        _write_json_atomic(out, document(complete=False))
-        sys.stderr.write(f"{_PROG}: interrupted after {done} of {total}; finished results are in {out}; "
+        run.save(complete=False, measured=done)
+        sys.stderr.write(f"{_PROG}: interrupted after {done} of {total}; finished results are in {run.out}; "
                          f"run the same command to resume\n")
         return EXIT_INTERRUPTED
-    run_record["finished_utc"] = _utc_now()
-    _write_json_atomic(out, document(complete=True))
-    say(f"done: {done} measured in {_format_eta(time.monotonic() - t_start)}; results in {out}")
+    run.save(complete=True, measured=done)
+    run.say(f"done: {done} measured in {_format_eta(time.monotonic() - t_start)}; results in {run.out}")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    run = _Run(args)
+    run.check_host()
+    if args.check:
+        run.say(f"bundle OK: {len(run.manifest['entries'])} entries, {len(run.manifest['models'])} models, "
+                f"{len(run.results) + len(run.models)} already measured in {str(run.out)!r}")
+        return 0
+    run.start_record(args.chunk)
+    if run.backend == "coreml":
+        run.say("note: CoreML on macOS times this Mac, not an iPhone; results.json records the host")
+    return _measure_all(run, args.chunk)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

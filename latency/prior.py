@@ -3,7 +3,7 @@
 No iPhone is needed: every block spec is described by a few additive features, and a
 non-negative linear model over them is fitted to the published iPhone 12 latencies of the
 seven EfficientFormer presets (one table throughout: the EfficientFormerV2 paper's, which also
-lists V1 models; DESIGN.md section 3):
+lists V1 models; docs/design.md, section 3):
 
 ======================  =========
 preset                  iPhone 12
@@ -47,13 +47,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from search_spaces import BlockSpec, get_preset, lower
 from search_spaces.errors import NasUserError
 from search_spaces.kinds import trace
+
+if TYPE_CHECKING:
+    from latency.lut import LatencyTable
+    from latency.profiles import DeviceProfile
+    from latency.specs import ResolutionLike
+    from search_spaces import LoweringSetup, SearchSpace
 
 __all__ = [
     "IPHONE12_PRESET_MS",
@@ -300,15 +306,17 @@ def iphone12_prior(features: Sequence[str] = DEFAULT_FEATURES) -> LatencyPrior:
 
 
 def predicted_table(
-    space: Any,
-    profile: Any,
+    space: SearchSpace,
+    profile: DeviceProfile,
     *,
-    resolution: int,
-    num_classes: int = 1000,
-    in_chans: int = 3,
+    setup: LoweringSetup | None = None,
+    resolution: ResolutionLike | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
     distillation: bool | None = None,
+    task: str | None = None,
     prior: LatencyPrior | None = None,
-) -> Any:
+) -> LatencyTable:
     """A LUT whose every entry is *predicted* by ``prior`` (default :func:`iphone12_prior`).
 
     The prior's per-inference overhead becomes the table's calibration offset (method
@@ -319,20 +327,21 @@ def predicted_table(
     Args:
         space: a :class:`~search_spaces.SearchSpace`.
         profile: the device's :class:`~latency.profiles.DeviceProfile`.
-        resolution, num_classes, in_chans, distillation: the lowering setup.
+        setup: the lowering setup (a :class:`~search_spaces.LoweringSetup`); or its fields
+            ``resolution``, ``num_classes``, ``in_chans``, ``distillation``, ``task`` as keywords.
         prior: the prior to use.
 
     Returns:
         A :class:`~latency.lut.LatencyTable` (not saved).
     """
-    from latency.build import lut_specs, new_table
     from latency.lut import Calibration
+    from latency.specs import lut_specs, new_table, resolve_setup
 
     prior = prior or iphone12_prior()
-    specs = lut_specs(space, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
-                      distillation=distillation)
-    table = new_table(space, profile, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
-                      distillation=distillation, measurement="predicted", expected_entries=len(specs),
+    setup = resolve_setup(space, setup, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
+                          distillation=distillation, task=task)
+    specs = lut_specs(space, setup)
+    table = new_table(space, profile, setup, measurement="predicted", expected_entries=len(specs),
                       environment={"note": f"predicted by an analytical prior, not measured ({prior.source})"})
     for spec in specs:
         table.set_predicted(spec.key, prior.block_ms(spec))

@@ -40,16 +40,17 @@ from a built-in with ``base = "snapdragon855"`` and override some fields::
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
 
 from search_spaces.errors import FileFormatError, NasUserError
+from search_spaces.schema import Schema, validate
 
 __all__ = [
     "BACKENDS",
@@ -76,19 +77,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MODEL_FORMATS = {"onnxruntime": "onnx", "coreml": "mlpackage"}
 
 
-def _check_int(field: str, value: Any, minimum: int) -> None:
-    if type(value) is not int or value < minimum:  # bool is not an int here
-        raise NasUserError(f"`{field}` must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise NasUserError(f"`{field}` must be one of {', '.join(allowed)}; got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DeviceProfile:
-    """How to measure latency on one device.
+class DeviceProfile(Schema):
+    """How to measure latency on one device: the schema of a profile file, and the value the toolkit passes around.
 
     Attributes:
         name: short identifier used in file names (``lut-<name>-<res>.json``);
@@ -109,78 +99,76 @@ class DeviceProfile:
         repeats: timed runs per model (each one a replicate in the stats).
         description: free text shown in reports.
 
-    Raises:
-        NasUserError: on construction, for any field outside its allowed values.
+    Build one from user data with :meth:`from_dict` (or :func:`load_profile_file`), which
+    raise :class:`~search_spaces.errors.NasUserError` naming the field, the bad value and the
+    allowed values; direct construction raises pydantic's ``ValidationError``.
     """
 
     name: str
-    backend: str
+    backend: Literal[BACKENDS]
     is_local: bool = False
-    threads: int = 1
-    batch: int = 1
-    precision: str = "fp32"
-    compute_units: str = "ALL"
-    minimum_deployment_target: str = "iOS16"
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    graph_optimization: str = "all"
-    warmup: int = 10
-    repeats: int = 50
+    threads: int = Field(1, ge=1)
+    batch: int = Field(1, ge=1)
+    precision: Literal[PRECISIONS] = "fp32"
+    compute_units: Literal[COMPUTE_UNITS] = "ALL"
+    minimum_deployment_target: Literal[DEPLOYMENT_TARGETS] = "iOS16"
+    providers: tuple[str, ...] = Field(("CPUExecutionProvider",), strict=False)
+    graph_optimization: Literal[GRAPH_OPTIMIZATIONS] = "all"
+    warmup: int = Field(10, ge=0)
+    repeats: int = Field(50, ge=1)
     description: str = ""
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
-            raise NasUserError(
-                f"`name` must start with a letter or digit and use only letters, digits, '.', '_' "
-                f"and '-' (it becomes part of file names); got {self.name!r}"
-            )
-        _check_choice("backend", self.backend, BACKENDS)
-        if type(self.is_local) is not bool:
-            raise NasUserError(f"`is_local` must be true or false, got {self.is_local!r}")
-        _check_int("threads", self.threads, 1)
-        _check_int("batch", self.batch, 1)
-        _check_choice("precision", self.precision, PRECISIONS)
-        if self.precision == "fp16" and self.backend != "coreml":
-            raise NasUserError(
-                f"`precision` 'fp16' needs backend 'coreml'; ONNX Runtime profiles measure fp32 models "
-                f"(profile {self.name!r})"
-            )
-        _check_choice("compute_units", self.compute_units, COMPUTE_UNITS)
-        _check_choice("minimum_deployment_target", self.minimum_deployment_target, DEPLOYMENT_TARGETS)
-        providers = self.providers
-        if isinstance(providers, str) or not isinstance(providers, (list, tuple)):
-            raise NasUserError(
-                f"`providers` must be a list of ONNX Runtime execution providers such as "
-                f"['CPUExecutionProvider'], got {providers!r}"
-            )
-        if not providers or not all(isinstance(p, str) and p.endswith("ExecutionProvider") for p in providers):
-            raise NasUserError(
-                f"`providers` must be a non-empty list of names ending in 'ExecutionProvider' "
-                f"(e.g. 'CPUExecutionProvider'), got {list(providers)!r}"
-            )
-        object.__setattr__(self, "providers", tuple(providers))
-        _check_choice("graph_optimization", self.graph_optimization, GRAPH_OPTIMIZATIONS)
-        _check_int("warmup", self.warmup, 0)
-        _check_int("repeats", self.repeats, 1)
-        if not isinstance(self.description, str):
-            raise NasUserError(f"`description` must be a string, got {self.description!r}")
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.fullmatch(value):
+            raise ValueError("must start with a letter or digit and use only letters, digits, '.', '_' and '-' "
+                             "(it becomes part of file names)")
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, value: str, info: ValidationInfo) -> str:
+        if value == "fp16" and info.data.get("backend", "coreml") != "coreml":
+            raise ValueError("'fp16' needs backend 'coreml'; ONNX Runtime profiles measure fp32 models")
+        return value
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _providers(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or not value or not all(
+                isinstance(p, str) and p.endswith("ExecutionProvider") for p in value):
+            raise ValueError("must be a non-empty list of ONNX Runtime execution providers whose names end in "
+                             "'ExecutionProvider', such as ['CPUExecutionProvider']")
+        return value
 
     @property
     def model_format(self) -> str:
         """File format of the models this device runs: ``"onnx"`` or ``"mlpackage"``."""
         return _MODEL_FORMATS[self.backend]
 
+    def replace(self, **changes: Any) -> DeviceProfile:
+        """A copy with some fields changed (validated again).
+
+        Raises:
+            NasUserError: a changed field outside its allowed values.
+        """
+        return validate(DeviceProfile, {**self.to_dict(), **changes}, source=f"device profile {self.name!r}",
+                        error=NasUserError)
+
     def with_threads(self, threads: int) -> DeviceProfile:
         """Return a copy with another thread count (validated)."""
-        return dataclasses.replace(self, threads=threads)
+        return self.replace(threads=threads)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (``providers`` as a list)."""
-        out = dataclasses.asdict(self)
+        out = self.model_dump()
         out["providers"] = list(self.providers)
         return out
 
     @classmethod
-    def from_dict(cls, data: Any) -> DeviceProfile:
+    def from_dict(cls, data: Any, *, source: str = "device profile",
+                  error: type[NasUserError] = NasUserError) -> DeviceProfile:
         """Build a profile from a dict such as :meth:`to_dict` returns.
 
         ``name`` and ``backend`` are required; other fields take the class
@@ -188,23 +176,12 @@ class DeviceProfile:
         and ``"fp32"`` for onnxruntime.
 
         Raises:
-            NasUserError: not a dict, unknown or missing keys, or a bad value.
+            NasUserError (or ``error``): not a dict, unknown or missing keys, or a bad value;
+                the message names the field and the allowed values.
         """
-        if not isinstance(data, dict):
-            raise NasUserError(f"a device profile must be a table/object of fields, got {type(data).__name__}")
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise NasUserError(
-                f"unknown profile field(s) {', '.join(map(repr, unknown))}; allowed fields: {', '.join(allowed)}"
-            )
-        missing = [k for k in ("name", "backend") if k not in data]
-        if missing:
-            raise NasUserError(f"profile is missing required field(s) {', '.join(map(repr, missing))}")
-        kwargs = dict(data)
-        if "precision" not in kwargs:
-            kwargs["precision"] = "fp16" if kwargs["backend"] == "coreml" else "fp32"
-        return cls(**kwargs)
+        if isinstance(data, dict) and "precision" not in data and data.get("backend") == "coreml":
+            data = {**data, "precision": "fp16"}
+        return validate(cls, data, source=source, error=error)
 
 
 _BUILTIN: dict[str, DeviceProfile] = {
@@ -350,10 +327,7 @@ def load_profile_file(path: str | os.PathLike[str]) -> DeviceProfile:
         merged = _BUILTIN[base_name].to_dict()
         merged.update(data)
         data = merged
-    try:
-        profile = DeviceProfile.from_dict(data)
-    except NasUserError as exc:
-        raise FileFormatError(f"profile file {str(path)!r}: {exc}") from None
+    profile = DeviceProfile.from_dict(data, source=f"profile file {str(path)!r}", error=FileFormatError)
     logger.debug("loaded device profile %s from %s", profile.name, path)
     return profile
 

@@ -11,47 +11,38 @@ The measurement primitives behind the latency LUT. They take any
   pinned threads, and raw timings in milliseconds.
 * :func:`measure_module`: export plus session plus timing for a local profile,
   summarised as :class:`~latency.stats.LatencyStats`.
-* :func:`convert_coreml` and :func:`measure_coreml`: ``mlprogram`` conversion
-  (works everywhere) and timing (macOS only).
+* :func:`convert_coreml` and :func:`measure_coreml` (in :mod:`latency.coreml`,
+  importable from here): ``mlprogram`` conversion (works everywhere) and timing
+  (macOS only).
 
 Timing uses the same loop as the bundle runner (:mod:`latency.bundle_runner`),
 so a local measurement and a bundle measurement differ only in where they run.
-
-Cost on a busy 2-core x86 machine (torch 2.13, ONNX Runtime 1.32), V2-style
-FFN blocks at 56x56 down to 7x7: export 15-35 ms, session 1-3 ms, then
-``warmup + repeats`` runs of the block; :func:`measure_module` with
-``local-cpu`` (5 + 30 runs) takes 35-70 ms per block in all. CoreML conversion
-of such a block takes 0.35-0.45 s. The first export and the first session in a
-process cost about 100 ms and 40 ms more.
+Export, not timing, dominates the cost of a block measurement.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import importlib.util
 import io
-import itertools
 import logging
 import os
-import platform
-import re
-import shutil
-import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
 
 from latency import bundle_runner as _runner
-from latency.profiles import COMPUTE_UNITS, DEPLOYMENT_TARGETS, DeviceProfile
+from latency.profiles import DeviceProfile
 from latency.stats import LatencyStats
 from search_spaces.errors import NasUserError
 from search_spaces.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
 
 __all__ = [
     "torch_threads",
@@ -69,8 +60,6 @@ logger = logging.getLogger(__name__)
 
 _INPUT_NAME = "input"
 _OUTPUT_NAME = "output"
-_TQDM_LINE = re.compile(r"\d+%\|")
-_FP16_IO_TARGETS = {"iOS16", "iOS17", "iOS18", "iOS26", "macOS13", "macOS14", "macOS15", "macOS26"}
 
 
 def _bundle_hint(device: str, *, where: str = "on the device") -> str:
@@ -136,16 +125,16 @@ def export_onnx(
     path: str | os.PathLike[str] | None = None,
     *,
     opset: int = 17,
+    check: bool = True,
 ) -> bytes:
     """Export ``module`` to ONNX with the TorchScript exporter and check the result.
 
     The module is exported in eval mode under ``torch.no_grad()`` with
     constant folding and static shapes; its train/eval mode is restored
     afterwards. Torch runs on one thread meanwhile (restored afterwards): on a
-    busy 2-core machine, export with 2 torch threads measured 3-10x slower
-    (45-190 ms against 18 ms for a small block), and an idle torch thread pool
-    must not compete with the timing that follows. The graph has one input ``"input"`` and its (first) output is
-    named ``"output"``.
+    busy machine more torch threads make export several times slower, and an
+    idle torch thread pool must not compete with the timing that follows. The
+    graph has one input ``"input"`` and its (first) output is named ``"output"``.
 
     Args:
         module: the module to export.
@@ -154,6 +143,8 @@ def export_onnx(
         path: where to write the ``.onnx`` file (atomically); None keeps it in
             memory only.
         opset: ONNX opset version (>= 11).
+        check: run ``onnx.checker`` on the result (ONNX Runtime checks a model it loads
+            anyway; builds that load at once skip it).
 
     Returns:
         The serialized model, ready for :func:`ort_session`.
@@ -196,7 +187,8 @@ def export_onnx(
     finally:
         module.train(was_training)
     data = buf.getvalue()
-    onnx.checker.check_model(onnx.load_model_from_string(data))
+    if check:
+        onnx.checker.check_model(onnx.load_model_from_string(data))
     if path is not None:
         atomic_write_bytes(path, data)
     return data
@@ -208,7 +200,8 @@ def ort_session(
     threads: int,
     graph_optimization: str = "all",
     providers: Sequence[str] = ("CPUExecutionProvider",),
-) -> Any:
+    save_optimized: str | os.PathLike[str] | None = None,
+) -> InferenceSession:
     """Open an ONNX Runtime session with pinned threads.
 
     ``intra_op_num_threads = threads``, ``inter_op_num_threads = 1`` and
@@ -219,6 +212,8 @@ def ort_session(
         threads: intra-op threads (>= 1).
         graph_optimization: disabled, basic, extended or all.
         providers: execution providers in priority order.
+        save_optimized: also write the graph as optimized at ``graph_optimization`` there;
+            it is valid on this machine only, opened with ``graph_optimization="disabled"``.
 
     Returns:
         An ``onnxruntime.InferenceSession``.
@@ -239,13 +234,14 @@ def ort_session(
             threads=threads,
             graph_optimization=graph_optimization,
             providers=tuple(providers),
+            save_optimized=save_optimized,
         )
     except _runner.BundleError as exc:
         raise NasUserError(str(exc)) from None
 
 
 def measure_ort(
-    session_or_path: Any,
+    session_or_path: InferenceSession | str | os.PathLike[str] | bytes,
     input_shape: Sequence[int],
     *,
     warmup: int,
@@ -347,6 +343,8 @@ def measure_module(
         )
     t0 = time.perf_counter()
     if profile.backend == "coreml":
+        from latency.coreml import _coreml_unavailable, convert_coreml, coreml_predict_available, measure_coreml
+
         if not coreml_predict_available():
             raise _coreml_unavailable(profile.name)
         with contextlib.ExitStack() as stack:
@@ -377,190 +375,16 @@ def measure_module(
     return stats
 
 
-def _import_coremltools() -> Any:
-    try:
-        import coremltools as ct
-    except ImportError:
-        raise NasUserError("CoreML conversion needs coremltools: `pip install coremltools`") from None
-    return ct
+_COREML_NAMES = ("convert_coreml", "coreml_predict_available", "measure_coreml")
 
 
-@contextlib.contextmanager
-def _captured_stderr() -> Iterator[io.StringIO]:
-    """Capture ``sys.stderr`` (coremltools' progress bars), restoring it in ``finally``."""
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        yield buf
+def __getattr__(name: str) -> Any:
+    """The CoreML functions live in :mod:`latency.coreml`; they stay importable from here."""
+    if name in _COREML_NAMES:
+        from latency import coreml
 
-
-def convert_coreml(
-    module: torch.nn.Module,
-    input_shape: Sequence[int],
-    path: str | os.PathLike[str],
-    *,
-    precision: str = "fp16",
-    compute_units: str = "ALL",
-    target: str = "iOS16",
-) -> Path:
-    """Convert ``module`` to a CoreML ``mlprogram`` and save it as an ``.mlpackage`` folder.
-
-    The module is traced with ``torch.jit.trace`` (eval mode, no grad) and
-    converted with ``coremltools.convert(convert_to="mlprogram")``. With fp16
-    precision and an iOS16/macOS13 or later target, the input and output are
-    fp16 too, so a block does not pay casts at its boundaries. The input is
-    named ``"input"`` and the output ``"output"``. Torch is pinned to one
-    thread while tracing and converting (0.3 s against 1.2-1.5 s for a small
-    block on a busy 2-core machine). Conversion works on any OS;
-    only prediction needs macOS. coremltools' progress bars are kept off
-    stderr (they go to the DEBUG log).
-
-    Args:
-        module: a module with one tensor input and one tensor output.
-        input_shape: the input shape, used as given.
-        path: destination ending in ``.mlpackage``; an existing one is replaced.
-        precision: ``"fp16"`` or ``"fp32"`` compute precision.
-        compute_units: ALL, CPU_ONLY, CPU_AND_GPU or CPU_AND_NE.
-        target: minimum deployment target, e.g. ``"iOS16"``.
-
-    Returns:
-        The path of the saved ``.mlpackage``.
-
-    Raises:
-        NasUserError: a bad argument, coremltools missing, or a module with
-            several outputs.
-        RuntimeError: tracing or conversion failed.
-    """
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
-    shape = _check_shape(input_shape)
-    path = Path(path)
-    if path.suffix != ".mlpackage":
-        raise NasUserError(f"`path` must end in .mlpackage, got {str(path)!r}")
-    if precision not in ("fp16", "fp32"):
-        raise NasUserError(f"`precision` must be 'fp16' or 'fp32', got {precision!r}")
-    if compute_units not in COMPUTE_UNITS:
-        raise NasUserError(f"`compute_units` must be one of {', '.join(COMPUTE_UNITS)}, got {compute_units!r}")
-    if target not in DEPLOYMENT_TARGETS:
-        raise NasUserError(f"`target` must be one of {', '.join(DEPLOYMENT_TARGETS)}, got {target!r}")
-    ct = _import_coremltools()
-    if not hasattr(ct.target, target):
-        raise NasUserError(f"coremltools {ct.__version__} does not know target {target!r}; upgrade coremltools")
-    import numpy as np
-
-    io_dtype = np.float16 if precision == "fp16" and target in _FP16_IO_TARGETS else np.float32
-    was_training = module.training
-    module.eval()
-    t0 = time.perf_counter()
-    try:
-        example = torch.zeros(shape, dtype=torch.float32)
-        with torch.no_grad(), torch_threads(1), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is what coremltools converts
-            on_cpu = all(t.device.type == "cpu" for t in itertools.chain(module.parameters(), module.buffers()))
-            cpu_module = module if on_cpu else copy.deepcopy(module).cpu()
-            out = cpu_module(example)
-            if not isinstance(out, torch.Tensor):
-                raise NasUserError(
-                    f"CoreML conversion supports modules with one tensor output; {type(module).__name__} returned "
-                    f"{type(out).__name__}"
-                )
-            traced = torch.jit.trace(cpu_module, example)
-    except NasUserError:
-        raise
-    except Exception as exc:
-        raise RuntimeError(f"tracing {type(module).__name__} at input shape {list(shape)} failed: {exc}") from exc
-    finally:
-        module.train(was_training)
-    t1 = time.perf_counter()
-    try:
-        with _captured_stderr() as captured, torch_threads(1):
-            mlmodel = ct.convert(
-                traced,
-                inputs=[ct.TensorType(name=_INPUT_NAME, shape=shape, dtype=io_dtype)],
-                outputs=[ct.TensorType(name=_OUTPUT_NAME, dtype=io_dtype)],
-                convert_to="mlprogram",
-                minimum_deployment_target=getattr(ct.target, target),
-                compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-                compute_units=getattr(ct.ComputeUnit, compute_units),
-            )
-    except Exception as exc:
-        raise RuntimeError(
-            f"CoreML conversion of {type(module).__name__} at input shape {list(shape)} ({precision}, {target}) "
-            f"failed: {exc}"
-        ) from exc
-    said = [ln.strip() for ln in re.split(r"[\r\n]+", captured.getvalue()) if ln.strip() and not _TQDM_LINE.search(ln)]
-    if said:
-        logger.debug("coremltools said: %s", " | ".join(said)[-2000:])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".mlpackage", dir=path.parent))
-    try:
-        shutil.rmtree(tmp)
-        mlmodel.save(str(tmp))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    logger.debug("CoreML %s %s: trace %.0f ms, convert+save %.0f ms", type(module).__name__, list(shape),
-                 (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
-    return path
-
-
-def _coreml_unavailable(device: str) -> NasUserError:
-    if sys.platform == "darwin":
-        return NasUserError("CoreML prediction needs coremltools on this Mac: `pip install coremltools`")
-    return NasUserError(
-        f"CoreML prediction needs macOS; this machine runs {platform.system()} {platform.machine()}. Conversion "
-        f"works here: {_bundle_hint(device, where='on a Mac')}. A Mac times itself; for iPhone numbers use "
-        f"Xcode's Core ML performance report on the phone"
-    )
-
-
-def coreml_predict_available() -> bool:
-    """True when CoreML models can be run here: macOS with coremltools installed.
-
-    >>> isinstance(coreml_predict_available(), bool)
-    True
-    """
-    return sys.platform == "darwin" and importlib.util.find_spec("coremltools") is not None
-
-
-def measure_coreml(
-    path: str | os.PathLike[str],
-    input_shape: Sequence[int],
-    *,
-    warmup: int,
-    repeats: int,
-    compute_units: str = "ALL",
-    seed: int = 0,
-) -> list[float]:
-    """Time a CoreML ``.mlpackage`` on this Mac: raw latencies in milliseconds.
-
-    Args:
-        path: the ``.mlpackage`` folder.
-        input_shape: its input shape.
-        warmup: untimed runs (>= 0).
-        repeats: timed runs (>= 1).
-        compute_units: ALL, CPU_ONLY, CPU_AND_GPU or CPU_AND_NE.
-        seed: input data seed.
-
-    Returns:
-        ``repeats`` latencies in milliseconds.
-
-    Raises:
-        NasUserError: not macOS (the message explains the bundle workflow),
-            coremltools missing, or a bad argument.
-    """
-    if not coreml_predict_available():
-        raise _coreml_unavailable("iphone12")
-    shape = _check_shape(input_shape)
-    _check_count("warmup", warmup, 0)
-    _check_count("repeats", repeats, 1)
-    try:
-        fn = _runner.coreml_run_fn(path, shape, compute_units=compute_units, seed=seed)
-    except _runner.BundleError as exc:
-        raise NasUserError(str(exc)) from None
-    return _runner.time_runs([fn], warmup=warmup, repeats=repeats)[0]
+        return getattr(coreml, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def measurement_environment(profile: DeviceProfile) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Validation and calibration: how well LUT sums predict whole-network latency.
 
 Summing isolated blocks misses fusion across block boundaries and the per-inference overhead
-(DESIGN.md section 5), so a LUT is checked against networks timed end to end: random subnets
+(docs/design.md, section 5), so a LUT is checked against networks timed end to end: random subnets
 of the space, each exported whole. :func:`validate_lut` compares their measured medians with
 the LUT sums, fits a calibration and stores it in the table:
 
@@ -43,13 +43,14 @@ from latency.lut import Calibration, LatencyTable
 from latency.predict import predict_breakdown
 from latency.prior import nnls
 from latency.stats import LatencyStats
-from search_spaces import ArchConfig, SearchSpace, lower
+from search_spaces import ArchConfig, SearchSpace, lower, resolution_json
 from search_spaces.errors import NasUserError
-from search_spaces.fileio import atomic_write_json
+from search_spaces.fileio import atomic_write_json, atomic_write_text
 
 __all__ = [
     "ValidationReport",
     "validation_paths",
+    "write_rows_csv",
     "sample_archs",
     "spearman",
     "fidelity_metrics",
@@ -65,6 +66,8 @@ _MIN_ABS_GAIN = 0.001
 
 def validation_paths(lut_path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """The report and plot written next to a LUT: ``<lut stem>.validation.json`` and ``.png``.
+
+    The rows go next to them as ``.csv`` (``json.with_suffix(".csv")``).
 
     >>> [p.name for p in validation_paths("lut-local-cpu-224.json")]
     ['lut-local-cpu-224.validation.json', 'lut-local-cpu-224.validation.png']
@@ -194,6 +197,70 @@ def _loo(fit_predict: Any, n: int) -> np.ndarray | None:
     return out
 
 
+class _Candidates:
+    """The calibration candidates of one fit, compared by leave-one-out MAPE."""
+
+    def __init__(self, x: np.ndarray, k: np.ndarray, y: np.ndarray, date: str) -> None:
+        self.x, self.k, self.y, self.n, self.date = x, k, y, len(y), date
+        a, b = _fit_linear(x, y)
+        loo = _loo(lambda keep, i: _line_at(x[keep], y[keep], x[i]), self.n)
+        if loo is None:  # pragma: no cover - the linear fit always predicts
+            loo = a * x + b
+        m = self.mape(loo)
+        self.best: tuple[float, Calibration, np.ndarray, np.ndarray] = (
+            m, Calibration("linear", a, b, {}, self.n, m, date), loo, a * x + b)
+        self.notes = [f"linear LOO MAPE {m:.4f}"]
+
+    def mape(self, pred: np.ndarray) -> float:
+        return float(np.mean(np.abs(pred - self.y) / self.y))
+
+    def consider(self, name: str, loo: np.ndarray | None, make: Any) -> None:
+        """Keep ``make(mape)`` when its LOO MAPE beats the current choice by the margins."""
+        if loo is None:
+            self.notes.append(f"{name}: degenerate")
+            return
+        m = self.mape(loo)
+        self.notes.append(f"{name} LOO MAPE {m:.4f}")
+        if m < (1 - _MIN_GAIN) * self.best[0] and m < self.best[0] - _MIN_ABS_GAIN:
+            cal, fitted = make(m)
+            if cal is not None:
+                self.best = (m, cal, loo, fitted)
+
+    def blocks(self) -> None:
+        x, k, y = self.x, self.k, self.y
+
+        def blk(keep: np.ndarray, i: int) -> float | None:
+            c = _fit_blocks(x[keep], k[keep], y[keep])
+            return None if c is None else float(c[0] * x[i] + c[1] * k[i] + c[2])
+
+        def make(m: float) -> tuple[Calibration | None, np.ndarray]:
+            c = _fit_blocks(x, k, y)
+            if c is None:
+                return None, x
+            return (Calibration("blocks", float(c[0]), float(c[2]), {}, self.n, m, self.date,
+                                per_block_ms=float(c[1])), c[0] * x + c[1] * k + c[2])
+
+        self.consider("blocks", _loo(blk, self.n), make)
+
+    def per_kind(self, kinds: list[str], km: np.ndarray) -> None:
+        k, y = self.k, self.y
+
+        def pk(keep: np.ndarray, i: int) -> float:
+            return float(_per_kind_predict(_fit_per_kind(km[keep], k[keep], y[keep]), km[i:i + 1], k[i:i + 1])[0])
+
+        def make(m: float) -> tuple[Calibration, np.ndarray]:
+            c = _fit_per_kind(km, k, y)
+            return (Calibration("per_kind", 1.0, float(c[-4] - c[-3]), {kk: float(v) for kk, v in zip(kinds, c[:-4])},
+                                self.n, m, self.date, per_block_ms=float(c[-2] - c[-1])), _per_kind_predict(c, km, k))
+
+        self.consider("per_kind", _loo(pk, self.n), make)
+
+
+def _line_at(x: np.ndarray, y: np.ndarray, at: float) -> float:
+    a, b = _fit_linear(x, y)
+    return a * at + b
+
+
 def fit_calibration(raw: Sequence[float], kind_sums: Sequence[Mapping[str, float]], measured: Sequence[float], *,
                     n_blocks: Sequence[int] | None = None,
                     per_kind: bool = True) -> tuple[Calibration, np.ndarray, np.ndarray]:
@@ -226,64 +293,18 @@ def fit_calibration(raw: Sequence[float], kind_sums: Sequence[Mapping[str, float
         raise NasUserError(f"calibration needs equally many sums, block counts and measurements (>= 1), got "
                            f"{len(x)}, {len(k)} and {n}")
     date = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    a, b = _fit_linear(x, y)
     if n < 3:
+        a, _ = _fit_linear(x, y)
         cal = Calibration("linear", a, 0.0, {}, n, None, date, "fewer than 3 networks: scale only, no LOO error")
         return cal, a * x, a * x
-
-    def mape(pred: np.ndarray) -> float:
-        return float(np.mean(np.abs(pred - y) / y))
-
-    def lin(keep: np.ndarray, i: int) -> float:
-        ai, bi = _fit_linear(x[keep], y[keep])
-        return ai * x[i] + bi
-
-    loo = _loo(lin, n)
-    if loo is None:  # pragma: no cover - the linear fit always predicts
-        loo = a * x + b
-    best = (mape(loo), Calibration("linear", a, b, {}, n, mape(loo), date), loo, a * x + b)
-    notes = [f"linear LOO MAPE {best[0]:.4f}"]
-
-    def consider(name: str, loo_c: np.ndarray | None, make: Any) -> None:
-        nonlocal best
-        if loo_c is None:
-            notes.append(f"{name}: degenerate")
-            return
-        m = mape(loo_c)
-        notes.append(f"{name} LOO MAPE {m:.4f}")
-        if m < (1 - _MIN_GAIN) * best[0] and m < best[0] - _MIN_ABS_GAIN:
-            cal_c, fitted_c = make(m)
-            if cal_c is not None:
-                best = (m, cal_c, loo_c, fitted_c)
-
+    cands = _Candidates(x, k, y, date)
     if n_blocks is not None and n >= 6 and np.ptp(k) > 0:
-        def blk(keep: np.ndarray, i: int) -> float | None:
-            c = _fit_blocks(x[keep], k[keep], y[keep])
-            return None if c is None else float(c[0] * x[i] + c[1] * k[i] + c[2])
-
-        def make_blocks(m: float) -> tuple[Calibration | None, np.ndarray]:
-            c = _fit_blocks(x, k, y)
-            if c is None:
-                return None, x
-            return (Calibration("blocks", float(c[0]), float(c[2]), {}, n, m, date, per_block_ms=float(c[1])),
-                    c[0] * x + c[1] * k + c[2])
-
-        consider("blocks", _loo(blk, n), make_blocks)
+        cands.blocks()
     kinds = sorted({kk for d in kind_sums for kk in d})
     if per_kind and n >= 3 * (len(kinds) + 3):
-        km = np.array([[d.get(kk, 0.0) for kk in kinds] for d in kind_sums])
-
-        def pk(keep: np.ndarray, i: int) -> float:
-            return float(_per_kind_predict(_fit_per_kind(km[keep], k[keep], y[keep]), km[i:i + 1], k[i:i + 1])[0])
-
-        def make_pk(m: float) -> tuple[Calibration, np.ndarray]:
-            c = _fit_per_kind(km, k, y)
-            return (Calibration("per_kind", 1.0, float(c[-4] - c[-3]), {kk: float(v) for kk, v in zip(kinds, c[:-4])},
-                                n, m, date, per_block_ms=float(c[-2] - c[-1])), _per_kind_predict(c, km, k))
-
-        consider("per_kind", _loo(pk, n), make_pk)
-    m, cal, loo_best, fitted = best
-    cal = dataclasses.replace(cal, note="; ".join(notes) + f"; chose {cal.method}")
+        cands.per_kind(kinds, np.array([[d.get(kk, 0.0) for kk in kinds] for d in kind_sums]))
+    _, cal, loo_best, fitted = cands.best
+    cal = dataclasses.replace(cal, note="; ".join(cands.notes) + f"; chose {cal.method}")
     return cal, loo_best, fitted
 
 
@@ -348,6 +369,62 @@ def _plot(path: Path, rows: list[dict[str, Any]], raw: dict[str, Any], cal: dict
     os.replace(tmp, path)
 
 
+def write_rows_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write validation rows (one per network, as in :attr:`ValidationReport.rows`) as CSV, atomically."""
+    import pandas as pd
+
+    return atomic_write_text(path, pd.DataFrame(list(rows)).to_csv(index=False, float_format="%.6g"))
+
+
+def _compare(lut: LatencyTable, named: Sequence[tuple[str, ArchConfig]], networks: Mapping[str, LatencyStats]) -> tuple[
+        list[float], list[dict[str, float]], list[float], list[int], list[dict[str, Any]]]:
+    """Per network: the LUT sum, its sums per block kind, the measured figure, the block count and a report row."""
+    raw, kind_sums, meas, counts, rows = [], [], [], [], []
+    for name, arch in named:
+        bd = predict_breakdown(arch, lut, specs=lower(arch, lut.setup))
+        by_kind: dict[str, float] = {}
+        for b in bd.blocks:
+            by_kind[b.kind] = by_kind.get(b.kind, 0.0) + b.lut_ms
+        raw.append(bd.raw_sum_ms)
+        kind_sums.append(by_kind)
+        counts.append(len(bd.blocks))
+        st = networks[name]
+        measured = st.min_ms if lut.statistic == "min" else st.median_ms
+        meas.append(measured)
+        rows.append({"name": name, "arch": arch.to_string(), "arch_hash": arch.hash,
+                     "measured_ms": measured, "measured_median_ms": st.median_ms, "measured_min_ms": st.min_ms,
+                     "measured_iqr_ms": st.iqr_ms, "measured_count": st.count, "lut_sum_ms": bd.raw_sum_ms,
+                     "blocks": len(bd.blocks), "lut_entries_predicted": sum(b.source != "measured" for b in bd.blocks)})
+    return raw, kind_sums, meas, counts, rows
+
+
+def _report(lut: LatencyTable, cal: Calibration, raw_m: dict[str, Any], cal_m: dict[str, Any], fit_m: dict[str, Any],
+            rows: list[dict[str, Any]], context: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The validation report file (``<lut stem>.validation.json``)."""
+    return {
+        "schema": 1,
+        "device": lut.device,
+        "lut": str(lut.path) if lut.path else None,
+        "resolution": resolution_json(lut.setup.resolution),
+        "space_name": lut.space_name,
+        "space_hash": lut.space_hash,
+        "statistic": lut.statistic,
+        "date": cal.fitted,
+        "n": len(rows),
+        "spearman": cal_m["spearman"],
+        "mape": cal_m["mape"],
+        "within_5": cal_m["within_5"],
+        "within_10": cal_m["within_10"],
+        "raw": raw_m,
+        "calibrated": {**cal_m, "how": "leave-one-out: each subnet predicted by a calibration fitted to the others"},
+        "calibrated_in_sample": fit_m,
+        "calibration": cal.to_dict(),
+        "lut_predicted": lut.predicted,
+        "measurement": dict(context or {}),
+        "subnets": rows,
+    }
+
+
 def validate_lut(
     lut: LatencyTable,
     archs: Mapping[str, ArchConfig] | Sequence[ArchConfig],
@@ -355,6 +432,7 @@ def validate_lut(
     *,
     json_path: str | os.PathLike[str] | None = None,
     png_path: str | os.PathLike[str] | None = None,
+    csv_path: str | os.PathLike[str] | None = None,
     per_kind: bool = True,
     context: Mapping[str, Any] | None = None,
 ) -> ValidationReport:
@@ -366,10 +444,12 @@ def validate_lut(
     Args:
         lut: the table; it must cover every block of every network.
         archs: the networks, by name (``subnet-<arch hash>``) or as a list.
-        networks: measured stats by name (from :func:`latency.build.build_lut`,
-            :func:`latency.build.measure_networks` or an imported bundle).
+        networks: measured stats by name (from :func:`latency.measure.build_lut`,
+            :func:`latency.measure.measure_networks` or an imported bundle).
         json_path: where to write the report (None: do not write).
         png_path: where to write the scatter plot (None: do not plot).
+        csv_path: where to write one row per network (name, architecture, measured and
+            predicted figures; None: do not write).
         per_kind: allow per-kind scales.
         context: extra facts for the report (how the networks were measured).
 
@@ -383,65 +463,24 @@ def validate_lut(
     names = [n for n in named if n in networks]
     if not names:
         raise NasUserError("no end-to-end measurements to validate against (0 networks measured)")
-    raw, kind_sums, meas, rows, counts = [], [], [], [], []
-    for name in names:
-        arch = named[name]
-        specs = lower(arch, resolution=lut.resolution, num_classes=lut.num_classes, in_chans=lut.in_chans,
-                      distillation=lut.distillation)
-        bd = predict_breakdown(arch, lut, specs=specs)
-        by_kind: dict[str, float] = {}
-        for b in bd.blocks:
-            by_kind[b.kind] = by_kind.get(b.kind, 0.0) + b.lut_ms
-        raw.append(bd.raw_sum_ms)
-        kind_sums.append(by_kind)
-        counts.append(len(bd.blocks))
-        st = networks[name]
-        measured = st.min_ms if lut.statistic == "min" else st.median_ms
-        meas.append(measured)
-        rows.append({"name": name, "arch": arch.to_string(), "arch_hash": arch.hash,
-                     "measured_ms": measured, "measured_median_ms": st.median_ms, "measured_min_ms": st.min_ms,
-                     "measured_iqr_ms": st.iqr_ms,
-                     "measured_count": networks[name].count, "lut_sum_ms": bd.raw_sum_ms, "blocks": len(bd.blocks),
-                     "lut_entries_predicted": sum(b.source != "measured" for b in bd.blocks)})
+    raw, kind_sums, meas, counts, rows = _compare(lut, [(n, named[n]) for n in names], networks)
     cal, loo, fitted = fit_calibration(raw, kind_sums, meas, n_blocks=counts, per_kind=per_kind)
     for row, lo, fi in zip(rows, loo, fitted):
         row["loo_ms"] = float(lo)
         row["calibrated_ms"] = float(fi)
-    raw_m = fidelity_metrics(raw, meas)
-    cal_m = fidelity_metrics(loo, meas)
-    fit_m = fidelity_metrics(fitted, meas)
+    raw_m, cal_m = fidelity_metrics(raw, meas), fidelity_metrics(loo, meas)
     lut.set_calibration(cal)
     jp = Path(json_path) if json_path is not None else None
     pp = Path(png_path) if png_path is not None else None
     lut.validation = {"file": jp.name if jp else None, "n": len(names), "raw": raw_m, "calibrated": cal_m,
                       "date": cal.fitted}
-    report = {
-        "schema": 1,
-        "device": lut.device,
-        "lut": str(lut.path) if lut.path else None,
-        "resolution": lut.resolution,
-        "space_name": lut.space_name,
-        "space_hash": lut.space_hash,
-        "statistic": lut.statistic,
-        "date": cal.fitted,
-        "n": len(names),
-        "spearman": cal_m["spearman"],
-        "mape": cal_m["mape"],
-        "within_5": cal_m["within_5"],
-        "within_10": cal_m["within_10"],
-        "raw": raw_m,
-        "calibrated": {**cal_m, "how": "leave-one-out: each subnet predicted by a calibration fitted to the others"},
-        "calibrated_in_sample": fit_m,
-        "calibration": cal.to_dict(),
-        "lut_predicted": lut.predicted,
-        "measurement": dict(context or {}),
-        "subnets": rows,
-    }
     if jp is not None:
-        atomic_write_json(jp, report)
+        atomic_write_json(jp, _report(lut, cal, raw_m, cal_m, fidelity_metrics(fitted, meas), rows, context))
+    if csv_path is not None:
+        write_rows_csv(csv_path, rows)
     if pp is not None:
         rho = "n/a" if cal_m["spearman"] is None else f"{cal_m['spearman']:.3f}"
-        title = (f"{lut.device} @ {lut.resolution}px, {len(names)} subnets: Spearman {rho}, "
+        title = (f"{lut.device} @ {lut.setup.text}px, {len(names)} subnets: Spearman {rho}, "
                  f"within 10% {100 * cal_m['within_10']:.0f}%")
         _plot(pp, rows, raw_m, cal_m, title)
     return ValidationReport(len(names), raw_m, cal_m, cal, jp, pp, rows)

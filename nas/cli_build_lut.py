@@ -15,23 +15,40 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from search_spaces import SearchSpace, get_space, list_spaces
+from search_spaces import TASKS, LoweringSetup, SearchSpace, get_space, list_spaces, parse_resolution, resolution_json
 from search_spaces.errors import NasUserError
 
 from ._cli import NasArgumentParser, announce, int_at_least, run_cli
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from latency.lut import LatencyTable
+    from latency.measure import BuildProgress
+    from latency.profiles import DeviceProfile
+    from latency.stats import LatencyStats
+    from search_spaces import ArchConfig
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("nas.cli_build_lut")
 PROG = "nas-build-lut"
+#: Subnets timed end to end by default after an in-process build, to fit its calibration. Ten give a
+#: leave-one-out error for both the ``linear`` and ``blocks`` calibrations (``blocks`` needs 6), remove
+#: the bias of plain sums (about +30% for the demo space at 32 px), and cost a few seconds per subnet.
+DEFAULT_VALIDATE = 10
 
 EPILOG = """examples:
   # in a folder where nas-train has run: the space, resolution and classes come from the run
-  nas-build-lut --device local-cpu                  # measure every block here (ONNX Runtime, 1 thread)
-  nas-build-lut --device local-cpu --validate 100   # + 100 random subnets end to end, calibration
+  nas-build-lut --device local-cpu                  # measure every block here (ONNX Runtime, 1 thread),
+                                                    # then 10 random subnets end to end: the calibration
+  nas-build-lut --device local-cpu --validate 100   # 100 subnets instead (a tighter calibration)
+  nas-build-lut --device local-cpu --validate 0     # blocks only, no calibration
   nas-build-lut --device local-cpu --space efficientformer_v2 --resolution 224
+  nas-build-lut --device iphone12 --space efficientformer_v2 --resolution 512x1024 --task backbone
 
   # iPhone 12 (CoreML mlprogram, fp16, compute units ALL, iOS16)
   nas-build-lut --device iphone12                   # writes lut-iphone12-<res>.bundle/ (.mlpackage models)
@@ -59,7 +76,8 @@ notes:
   An interrupted build resumes: run the same command again and finished entries are kept.
   A LUT of another device, resolution or space is never overwritten or mixed in.
   --validate writes <lut>.validation.json (n, spearman, mape, within_5, within_10; raw and
-  calibrated) and <lut>.validation.png next to the LUT, and stores the calibration in it.
+  calibrated), <lut>.validation.csv (one row per subnet) and <lut>.validation.png next to the
+  LUT, and stores the calibration in it.
   Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted.
 """
 
@@ -74,6 +92,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _resolution(text: str) -> tuple[int, int]:
+    try:
+        return parse_resolution(text)
+    except NasUserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = NasArgumentParser(prog=PROG, description=__doc__.replace("``", ""), epilog=EPILOG)
     dev = p.add_argument_group("device")
@@ -85,9 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--batch", type=int_at_least(1), metavar="N", help="override the profile's batch size (default 1)")
     what = p.add_argument_group("what to profile (default: from the latest nas-train run in this folder)")
     what.add_argument("--space", metavar="S", help=f"search space: {', '.join(list_spaces())}")
-    what.add_argument("--resolution", type=int_at_least(8), metavar="PX", help="input side (default: the run's, or 224)")
+    what.add_argument("--resolution", type=_resolution, metavar="PX|HxW",
+                      help="input size: 224 (square) or 512x1024 (height x width); default: the run's, or 224")
     what.add_argument("--num-classes", type=int_at_least(1), metavar="N", help="classes (default: the run's, or 1000)")
     what.add_argument("--in-chans", type=int_at_least(1), metavar="N", help="input channels (default: the run's, or 3)")
+    what.add_argument("--task", choices=TASKS,
+                      help="classify (default: networks end in the classifier head) or backbone (profiled without "
+                           "the head, for detection and segmentation)")
     what.add_argument("--supernet", metavar="RUN_DIR", help="take the defaults from this run instead of the latest")
     out = p.add_argument_group("output and modes")
     out.add_argument("--out", metavar="FILE", help="the LUT file (default: lut-<device>-<res>.json here)")
@@ -98,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "lut-<device>-<res>.bundle); with --import: the bundle the results belong to")
     out.add_argument("--import", dest="import_results", metavar="RESULTS",
                      help="build the LUT from a bundle runner's results.json")
-    out.add_argument("--validate", type=int_at_least(1), metavar="N",
-                     help="time N random subnets end to end, report fidelity, store a calibration")
+    out.add_argument("--validate", type=int_at_least(0), metavar="N",
+                     help=f"time N random subnets end to end, report fidelity, store a calibration (default for "
+                          f"builds on this machine: {DEFAULT_VALIDATE}; 0 skips it; default for bundles: 0)")
     out.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the validation subnets (default 0)")
     out.add_argument("--statistic", choices=("median", "min"),
                      help="which figure of each measurement predictions use: min, the fastest run (default for "
@@ -120,10 +150,10 @@ class _Progress:
 
     def __init__(self, enabled: bool, label: str) -> None:
         self.enabled, self.label = enabled, label
-        self.bar: Any = None
+        self.bar: tqdm | None = None
         self.last_decile = -1
 
-    def __call__(self, p: Any) -> None:
+    def __call__(self, p: BuildProgress) -> None:
         if not self.enabled:
             return
         if sys.stderr.isatty():
@@ -151,13 +181,14 @@ class _Progress:
 @dataclasses.dataclass
 class _Setup:
     space: SearchSpace
-    resolution: int
-    num_classes: int
-    in_chans: int
-    distillation: bool | None
+    lowering: LoweringSetup  # its distillation None means the family default
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return self.lowering.resolution
 
 
-def _profile(args: argparse.Namespace) -> Any:
+def _profile(args: argparse.Namespace) -> DeviceProfile | None:
     from latency.profiles import get_profile, load_profile_file
 
     if args.device_file:
@@ -169,11 +200,11 @@ def _profile(args: argparse.Namespace) -> Any:
     if args.threads is not None:
         profile = profile.with_threads(args.threads)
     if args.batch is not None:
-        profile = dataclasses.replace(profile, batch=args.batch)
+        profile = profile.replace(batch=args.batch)
     return profile
 
 
-def _need_profile(profile: Any) -> Any:
+def _need_profile(profile: DeviceProfile | None) -> DeviceProfile:
     if profile is None:
         from latency.profiles import list_profiles
 
@@ -181,22 +212,28 @@ def _need_profile(profile: Any) -> Any:
     return profile
 
 
+def _setup_from_space(args: argparse.Namespace) -> _Setup:
+    space = get_space(args.space)
+    resolution = args.resolution
+    if resolution is None:
+        resolution = (224, 224)
+        announce(f"{PROG}: using resolution 224 (default; set --resolution)")
+    if max(resolution) <= 64 and space.stem_stride != 2:
+        space = space.with_stem_stride(2)
+        announce(f"{PROG}: using stem stride 2 for resolution {LoweringSetup(resolution=resolution).text} (as "
+                 f"nas-train does up to 64 px)")
+    num_classes = args.num_classes or 1000
+    in_chans = args.in_chans or 3
+    if args.num_classes is None or args.in_chans is None:
+        announce(f"{PROG}: using {num_classes} classes and {in_chans} input channels "
+                 f"(set --num-classes/--in-chans)")
+    return _Setup(space, LoweringSetup(resolution=resolution, num_classes=num_classes, in_chans=in_chans,
+                                       task=args.task or "classify"))
+
+
 def _setup(args: argparse.Namespace) -> _Setup:
     if args.space is not None:
-        space = get_space(args.space)
-        resolution = args.resolution
-        if resolution is None:
-            resolution = 224
-            announce(f"{PROG}: using resolution 224 (default; set --resolution)")
-        if resolution <= 64 and space.stem_stride != 2:
-            space = space.with_stem_stride(2)
-            announce(f"{PROG}: using stem stride 2 for resolution {resolution} (as nas-train does up to 64 px)")
-        num_classes = args.num_classes or 1000
-        in_chans = args.in_chans or 3
-        if args.num_classes is None or args.in_chans is None:
-            announce(f"{PROG}: using {num_classes} classes and {in_chans} input channels "
-                     f"(set --num-classes/--in-chans)")
-        return _Setup(space, resolution, num_classes, in_chans, None)
+        return _setup_from_space(args)
     from supernet.run import find_latest_run, load_run
 
     if args.supernet is not None:
@@ -209,27 +246,29 @@ def _setup(args: argparse.Namespace) -> _Setup:
                 "no --space given and no finished supernet run in this folder: run nas-train first, or pass "
                 f"--space SPACE --resolution PX (spaces: {', '.join(list_spaces())})") from None
     run = load_run(run_dir, check_weights=False)
-    space = run.space
-    resolution = args.resolution or run.resolution
-    num_classes = args.num_classes or run.num_classes
-    in_chans = args.in_chans or run.in_chans
-    announce(f"{PROG}: using supernet run {run_dir} (space {space.name}, hash {space.hash}, resolution "
-             f"{resolution}, {num_classes} classes, {in_chans} input channels); set --space/--resolution to choose")
-    if resolution != run.resolution:
-        announce(f"{PROG}: note: --resolution {resolution} differs from the run's {run.resolution}; nas-search "
-                 f"looks for the LUT at the run's resolution")
     dist = run.meta.get("distillation")
-    return _Setup(space, resolution, num_classes, in_chans, dist if isinstance(dist, bool) else None)
+    lowering = LoweringSetup(resolution=args.resolution or run.resolution,
+                             num_classes=args.num_classes or run.num_classes, in_chans=args.in_chans or run.in_chans,
+                             distillation=dist if isinstance(dist, bool) else None, task=args.task or "classify")
+    announce(f"{PROG}: using supernet run {run_dir} (space {run.space.name}, hash {run.space.hash}, resolution "
+             f"{lowering.text}, {lowering.num_classes} classes, {lowering.in_chans} input channels); set "
+             f"--space/--resolution to choose")
+    if lowering.resolution != parse_resolution(run.resolution):
+        announce(f"{PROG}: note: --resolution {lowering.text} differs from the run's {run.resolution}; nas-search "
+                 f"looks for the LUT at the run's resolution")
+    return _Setup(run.space, lowering)
 
 
-def _default_out(args: argparse.Namespace, device: str, resolution: int, shard: tuple[int, int] | None) -> Path:
-    if args.out:
-        return Path(args.out)
-    if shard:
-        return Path(f"lut-{device}-{resolution}.shard-{shard[0]}of{shard[1]}.json")
+def _default_out(args: argparse.Namespace, device: str, resolution: tuple[int, int],
+                 shard: tuple[int, int] | None) -> Path:
     from latency.lut import default_lut_path
 
-    return default_lut_path(device, resolution)
+    if args.out:
+        return Path(args.out)
+    path = default_lut_path(device, resolution)
+    if shard:
+        return path.with_name(f"{path.stem}.shard-{shard[0]}of{shard[1]}.json")
+    return path
 
 
 def _pct(x: float) -> str:
@@ -237,22 +276,25 @@ def _pct(x: float) -> str:
 
 
 # --------------------------------------------------------------------------- modes
-def _validate(table: Any, archs: Any, networks: Any, out: Path, context: dict[str, Any]) -> None:
+def _validate(table: LatencyTable, archs: Mapping[str, ArchConfig] | Sequence[ArchConfig],
+              networks: Mapping[str, LatencyStats], out: Path, context: dict[str, Any]) -> None:
     from latency.validate import validate_lut, validation_paths
 
     jp, pp = validation_paths(out)
-    report = validate_lut(table, archs, networks, json_path=jp, png_path=pp, context=context)
+    report = validate_lut(table, archs, networks, json_path=jp, png_path=pp, csv_path=jp.with_suffix(".csv"),
+                          context=context)
     table.save(out)
     print(report.summary())
     cal = report.calibration
     per_block = f", {cal.per_block_ms:+.4f} ms per block" if cal.per_block_ms else ""
     kinds = f", {len(cal.kind_scales)} per-kind scales" if cal.kind_scales else ""
-    print(f"validation: {jp} and {pp}; calibration {cal.method} (scale {cal.scale:.4f}, offset "
-          f"{cal.offset_ms:+.4f} ms{per_block}{kinds}) stored in {out}")
+    print(f"validation: {jp}, {jp.with_suffix('.csv')} and {pp}; calibration {cal.method} (scale {cal.scale:.4f}, "
+          f"offset {cal.offset_ms:+.4f} ms{per_block}{kinds}) stored in {out}")
 
 
-def _merge(args: argparse.Namespace, profile: Any) -> int:
-    from latency.lut import LatencyTable, default_lut_path, merge_tables
+def _merge(args: argparse.Namespace, profile: DeviceProfile | None) -> int:
+    from latency.lut import LatencyTable, default_lut_path
+    from latency.merge import merge_tables
 
     tables = [LatencyTable.load(p) for p in args.merge]
     if profile is not None and tables[0].device != profile.name:
@@ -270,8 +312,8 @@ def _merge(args: argparse.Namespace, profile: Any) -> int:
     return 0
 
 
-def _import(args: argparse.Namespace, profile: Any) -> int:
-    from latency.build import import_results
+def _import(args: argparse.Namespace, profile: DeviceProfile | None) -> int:
+    from latency.importing import import_results
 
     res = import_results(args.import_results, bundle=args.bundle, out=args.out,
                          device=profile.name if profile is not None else None)
@@ -281,17 +323,22 @@ def _import(args: argparse.Namespace, profile: Any) -> int:
         t.save()
     print(f"imported {res.imported} measured entries into {res.path} ({t.describe()})"
           + (f"; replaced {res.replaced_predicted} predicted entries" if res.replaced_predicted else ""))
+    print(f"latency source: {t.source_label}")
+    if t.stand_in_host is not None:
+        print(f"note: these figures time the Mac that ran the bundle ({t.stand_in_host}), not the {t.device} itself; "
+              f"for the phone itself use Xcode's Core ML performance report on the .mlpackage files")
     if t.predicted:
         print(f"note: {t.n_predicted} entries are still PREDICTED (not in these results)")
     if res.networks and not res.complete:
-        print(f"note: validation skipped: the results are partial; run runner.py again to finish them, then import "
-              f"again")
+        print("note: validation skipped: the results are partial; run runner.py again to finish them, then import "
+              "again")
     elif res.networks:
         _validate(t, res.archs, res.networks, res.path, {"measured": "bundle", "results": str(args.import_results)})
     return 0
 
 
-def _already_validated(out: Path, profile: Any, setup: _Setup, archs: list[Any], statistic: str) -> bool:
+def _already_validated(out: Path, profile: DeviceProfile, setup: _Setup, archs: list[ArchConfig],
+                       statistic: str) -> bool:
     """True when ``out`` is complete and already validated on exactly these subnets with this statistic."""
     from latency.lut import LatencyTable
     from latency.validate import validation_paths
@@ -307,15 +354,17 @@ def _already_validated(out: Path, profile: Any, setup: _Setup, archs: list[Any],
         return False  # a damaged file: build and validate again
     if not table.complete or table.statistic != statistic or table.calibration.method == "none":
         return False
-    if (table.device, table.resolution, table.space_hash) != (profile.name, setup.resolution, setup.space.hash):
+    if (table.device, table.setup.resolution, table.task, table.space_hash) != (
+            profile.name, setup.resolution, setup.lowering.task, setup.space.hash):
         return False
     rows = report.get("subnets") if isinstance(report, dict) else None
     done = {r.get("arch_hash") for r in rows if isinstance(r, dict)} if isinstance(rows, list) else set()
     return report.get("statistic") == statistic and done == {a.hash for a in archs}
 
 
-def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, shard: Any, archs: list[Any]) -> int:
-    from latency.build import build_lut
+def _local(args: argparse.Namespace, profile: DeviceProfile, setup: _Setup, out: Path, shard: tuple[int, int] | None,
+           archs: list[ArchConfig]) -> int:
+    from latency.measure import build_lut
 
     statistic = args.statistic or "min"
     if _already_validated(out, profile, setup, archs, statistic):
@@ -325,8 +374,7 @@ def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sha
 
     bar = _Progress(not args.no_progress, f"{PROG} {profile.name}")
     try:
-        res = build_lut(setup.space, profile, resolution=setup.resolution, out=out, num_classes=setup.num_classes,
-                        in_chans=setup.in_chans, distillation=setup.distillation, shard=shard,
+        res = build_lut(setup.space, profile, setup=setup.lowering, out=out, shard=shard,
                         validation_archs=archs, statistic=statistic, jobs=args.jobs,
                         checkpoint_every_s=args.checkpoint_every,
                         progress=bar)
@@ -336,9 +384,9 @@ def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sha
     finally:
         bar.close()
     t = res.table
-    extra = f", {len(res.networks)} subnets end to end" if res.networks else ""
-    print(f"{PROG}: {len(t)} entries ({res.measured} measured now, {res.resumed} from an earlier run{extra}) "
-          f"in {res.seconds:.1f} s -> {out}")
+    extra = f" and {len(res.networks)} subnets end to end" if res.networks else ""
+    print(f"{PROG}: {len(t)} entries ({res.measured} measured now, {res.resumed} from an earlier run){extra} "
+          f"in {res.seconds:.1f} s -> {out} ({t.source_label})")
     noisy = sum(1 for _, e in t.items() if e.stats is not None and e.stats.noisy)
     if noisy:
         print(f"note: {noisy} entries are noisy (IQR > 10% of the median); the machine was busy")
@@ -349,8 +397,9 @@ def _local(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sha
     return 0
 
 
-def _remote(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, shard: Any, archs: list[Any]) -> int:
-    from latency.build import default_bundle_path, write_bundle
+def _remote(args: argparse.Namespace, profile: DeviceProfile, setup: _Setup, out: Path, shard: tuple[int, int] | None,
+            archs: list[ArchConfig]) -> int:
+    from latency.bundle import default_bundle_path, write_bundle
     from latency.bundle_runner import BundleError
 
     folder = Path(args.bundle) if args.bundle else default_bundle_path(profile.name, setup.resolution)
@@ -361,9 +410,8 @@ def _remote(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sh
     bar = _Progress(not args.no_progress, f"{PROG} bundle")
     t0 = time.monotonic()
     try:
-        info = write_bundle(setup.space, profile, folder=folder, resolution=setup.resolution,
-                            num_classes=setup.num_classes, in_chans=setup.in_chans, distillation=setup.distillation,
-                            shard=shard, validation_archs=archs, jobs=args.jobs, progress=bar)
+        info = write_bundle(setup.space, profile, folder=folder, setup=setup.lowering, shard=shard,
+                            validation_archs=archs, jobs=args.jobs, progress=bar)
     except BundleError as exc:
         raise NasUserError(f"the bundle written to {folder} is invalid: {exc}") from None
     except RuntimeError as exc:  # a block the exporter or converter cannot handle: a bug, not bad input
@@ -381,12 +429,11 @@ def _remote(args: argparse.Namespace, profile: Any, setup: _Setup, out: Path, sh
     return 0
 
 
-def _predicted(profile: Any, setup: _Setup, out: Path) -> None:
+def _predicted(profile: DeviceProfile, setup: _Setup, out: Path) -> None:
     from latency.lut import LatencyTable
     from latency.prior import iphone12_prior, predicted_table
 
-    table = predicted_table(setup.space, profile, resolution=setup.resolution, num_classes=setup.num_classes,
-                            in_chans=setup.in_chans, distillation=setup.distillation)
+    table = predicted_table(setup.space, profile, setup=setup.lowering)
     if out.exists():
         old = LatencyTable.load(out)
         old.check_same_setup(table, action="replace")
@@ -398,13 +445,31 @@ def _predicted(profile: Any, setup: _Setup, out: Path) -> None:
     print(f"wrote PREDICTED {out}: {len(table)} entries from the iPhone 12 prior (features "
           f"{', '.join(prior.features)}; leave-one-out MAPE {_pct(prior.loo_mape)}, max {_pct(prior.loo_max_ape)} "
           f"on the 7 EfficientFormer presets at 224 px). Import measurements to replace it.")
-    if setup.resolution != 224:
-        print(f"note: the prior is fitted at 224 px; at {setup.resolution} px its figures are extrapolations")
+    if setup.resolution != (224, 224):
+        print(f"note: the prior is fitted at 224 px; at {setup.lowering.text} px its figures are extrapolations")
+
+
+def _validation_archs(args: argparse.Namespace, setup: _Setup, *, default: int) -> list[ArchConfig]:
+    """The subnets to time end to end: ``--validate N`` of them, or ``default`` when it is not given."""
+    from latency.validate import sample_archs
+
+    if args.validate is not None:
+        return sample_archs(setup.space, args.validate, seed=args.seed) if args.validate else []
+    if not default:
+        return []
+    try:
+        archs = sample_archs(setup.space, default, seed=args.seed)
+    except NasUserError:
+        announce(f"{PROG}: using --validate 0: the space has fewer than {default} subnets to validate on by default "
+                 f"(set --validate N)")
+        return []
+    announce(f"{PROG}: using --validate {default} (default for builds on this machine: {default} random subnets "
+             f"end to end calibrate the LUT; --validate 0 skips it)")
+    return archs
 
 
 def _body(args: argparse.Namespace) -> int:
-    from latency.build import parse_shard
-    from latency.validate import sample_archs
+    from latency.specs import parse_shard
 
     argv = list(getattr(args, "_argv", []))
     profile = _profile(args)
@@ -424,15 +489,16 @@ def _body(args: argparse.Namespace) -> int:
         raise NasUserError("--validate needs the whole LUT; run it after --merge, without --shard")
     setup = _setup(args)
     out = _default_out(args, profile.name, setup.resolution, shard)
-    archs = sample_archs(setup.space, args.validate, seed=args.seed) if args.validate else []
     local = profile.is_local and args.bundle is None
+    archs = _validation_archs(args, setup, default=DEFAULT_VALIDATE if local and not shard else 0)
     rc = (_local if local else _remote)(args, profile, setup, out, shard, archs)
     from ._provenance import write_command
 
     write_command(out.parent if str(out.parent) else Path("."), PROG, argv, {
         "device": profile.to_dict(), "space": setup.space.name, "space_hash": setup.space.hash,
-        "resolution": setup.resolution, "num_classes": setup.num_classes, "in_chans": setup.in_chans,
-        "out": str(out), "shard": args.shard, "validate": args.validate, "seed": args.seed,
+        "resolution": resolution_json(setup.resolution), "num_classes": setup.lowering.num_classes,
+        "in_chans": setup.lowering.in_chans, "task": setup.lowering.task,
+        "out": str(out), "shard": args.shard, "validate": len(archs), "seed": args.seed,
         "bundle": args.bundle, "mode": "in-process" if local else "bundle"})
     return rc
 

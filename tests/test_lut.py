@@ -113,7 +113,7 @@ def test_inconsistent_files_are_refused(tmp_path: Path) -> None:
     data = lut.to_dict()
     key = next(iter(data["entries"]))
     for mutate, fragment in [
-        (lambda d: d.update(schema=2), "schema 2"),
+        (lambda d: d.update(schema=3), "schema 3"),  # schema 2 is current since the HxW format
         (lambda d: d.pop("space_hash"), "space_hash"),
         (lambda d: d.update(predicted=True), "header says predicted"),
         (lambda d: d["entries"][key].update(median_ms=-1.0), key.split("|")[0]),

@@ -1,0 +1,244 @@
+"""CoreML: convert torch modules to ``mlprogram`` packages (any OS) and time them (macOS only).
+
+:func:`convert_coreml` writes the ``.mlpackage`` a CoreML bundle ships; :func:`measure_coreml`
+times one on a Mac with the bundle runner's loop. Both stay importable from
+:mod:`latency.runtime`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import itertools
+import logging
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+
+from latency import bundle_runner as _runner
+from latency.profiles import COMPUTE_UNITS, DEPLOYMENT_TARGETS
+from latency.runtime import _INPUT_NAME, _OUTPUT_NAME, _bundle_hint, _check_count, _check_shape, torch_threads
+from search_spaces.errors import NasUserError
+
+if TYPE_CHECKING:
+    from coremltools.models import MLModel
+
+__all__ = ["convert_coreml", "coreml_predict_available", "measure_coreml"]
+
+logger = logging.getLogger(__name__)
+
+_TQDM_LINE = re.compile(r"\d+%\|")
+_FP16_IO_TARGETS = {"iOS16", "iOS17", "iOS18", "iOS26", "macOS13", "macOS14", "macOS15", "macOS26"}
+
+
+def _import_coremltools() -> ModuleType:
+    try:
+        import coremltools as ct
+    except ImportError:
+        raise NasUserError("CoreML conversion needs coremltools: `pip install coremltools`") from None
+    return ct
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[io.StringIO]:
+    """Capture ``sys.stderr`` (coremltools' progress bars), restoring it in ``finally``."""
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        yield buf
+
+
+def _check_coreml_args(module: torch.nn.Module, input_shape: Sequence[int], path: str | os.PathLike[str],
+                       precision: str, compute_units: str, target: str) -> tuple[tuple[int, ...], Path]:
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
+    shape = _check_shape(input_shape)
+    path = Path(path)
+    if path.suffix != ".mlpackage":
+        raise NasUserError(f"`path` must end in .mlpackage, got {str(path)!r}")
+    if precision not in ("fp16", "fp32"):
+        raise NasUserError(f"`precision` must be 'fp16' or 'fp32', got {precision!r}")
+    if compute_units not in COMPUTE_UNITS:
+        raise NasUserError(f"`compute_units` must be one of {', '.join(COMPUTE_UNITS)}, got {compute_units!r}")
+    if target not in DEPLOYMENT_TARGETS:
+        raise NasUserError(f"`target` must be one of {', '.join(DEPLOYMENT_TARGETS)}, got {target!r}")
+    return shape, path
+
+
+def _trace(module: torch.nn.Module, shape: tuple[int, ...]) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of ``module`` in eval mode on one thread (its train/eval mode restored)."""
+    was_training = module.training
+    module.eval()
+    try:
+        example = torch.zeros(shape, dtype=torch.float32)
+        with torch.no_grad(), torch_threads(1), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is what coremltools converts
+            on_cpu = all(t.device.type == "cpu" for t in itertools.chain(module.parameters(), module.buffers()))
+            cpu_module = module if on_cpu else copy.deepcopy(module).cpu()
+            out = cpu_module(example)
+            if not isinstance(out, torch.Tensor):
+                raise NasUserError(
+                    f"CoreML conversion supports modules with one tensor output; {type(module).__name__} returned "
+                    f"{type(out).__name__}"
+                )
+            return torch.jit.trace(cpu_module, example)
+    except NasUserError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"tracing {type(module).__name__} at input shape {list(shape)} failed: {exc}") from exc
+    finally:
+        module.train(was_training)
+
+
+def _save_mlpackage(mlmodel: MLModel, path: Path) -> None:
+    """Save atomically: into a temporary folder next to ``path``, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".mlpackage", dir=path.parent))
+    try:
+        shutil.rmtree(tmp)
+        mlmodel.save(str(tmp))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_coreml(
+    module: torch.nn.Module,
+    input_shape: Sequence[int],
+    path: str | os.PathLike[str],
+    *,
+    precision: str = "fp16",
+    compute_units: str = "ALL",
+    target: str = "iOS16",
+) -> Path:
+    """Convert ``module`` to a CoreML ``mlprogram`` and save it as an ``.mlpackage`` folder.
+
+    The module is traced with ``torch.jit.trace`` (eval mode, no grad) and
+    converted with ``coremltools.convert(convert_to="mlprogram")``. With fp16
+    precision and an iOS16/macOS13 or later target, the input and output are
+    fp16 too, so a block does not pay casts at its boundaries. The input is
+    named ``"input"`` and the output ``"output"``. Torch is pinned to one
+    thread while tracing and converting (it is several times faster on a busy
+    machine). Conversion works on any OS; only prediction needs macOS.
+    coremltools' progress bars are kept off stderr (they go to the DEBUG log).
+
+    Args:
+        module: a module with one tensor input and one tensor output.
+        input_shape: the input shape, used as given.
+        path: destination ending in ``.mlpackage``; an existing one is replaced.
+        precision: ``"fp16"`` or ``"fp32"`` compute precision.
+        compute_units: ALL, CPU_ONLY, CPU_AND_GPU or CPU_AND_NE.
+        target: minimum deployment target, e.g. ``"iOS16"``.
+
+    Returns:
+        The path of the saved ``.mlpackage``.
+
+    Raises:
+        NasUserError: a bad argument, coremltools missing, or a module with
+            several outputs.
+        RuntimeError: tracing or conversion failed.
+    """
+    shape, path = _check_coreml_args(module, input_shape, path, precision, compute_units, target)
+    ct = _import_coremltools()
+    if not hasattr(ct.target, target):
+        raise NasUserError(f"coremltools {ct.__version__} does not know target {target!r}; upgrade coremltools")
+    import numpy as np
+
+    io_dtype = np.float16 if precision == "fp16" and target in _FP16_IO_TARGETS else np.float32
+    t0 = time.perf_counter()
+    traced = _trace(module, shape)
+    t1 = time.perf_counter()
+    try:
+        with _captured_stderr() as captured, torch_threads(1):
+            mlmodel = ct.convert(
+                traced,
+                inputs=[ct.TensorType(name=_INPUT_NAME, shape=shape, dtype=io_dtype)],
+                outputs=[ct.TensorType(name=_OUTPUT_NAME, dtype=io_dtype)],
+                convert_to="mlprogram",
+                minimum_deployment_target=getattr(ct.target, target),
+                compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+                compute_units=getattr(ct.ComputeUnit, compute_units),
+            )
+    except Exception as exc:
+        raise RuntimeError(
+            f"CoreML conversion of {type(module).__name__} at input shape {list(shape)} ({precision}, {target}) "
+            f"failed: {exc}"
+        ) from exc
+    said = [ln.strip() for ln in re.split(r"[\r\n]+", captured.getvalue()) if ln.strip() and not _TQDM_LINE.search(ln)]
+    if said:
+        logger.debug("coremltools said: %s", " | ".join(said)[-2000:])
+    _save_mlpackage(mlmodel, path)
+    logger.debug("CoreML %s %s: trace %.0f ms, convert+save %.0f ms", type(module).__name__, list(shape),
+                 (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
+    return path
+
+
+def _coreml_unavailable(device: str) -> NasUserError:
+    if sys.platform == "darwin":
+        return NasUserError("CoreML prediction needs coremltools on this Mac: `pip install coremltools`")
+    return NasUserError(
+        f"CoreML prediction needs macOS; this machine runs {platform.system()} {platform.machine()}. Conversion "
+        f"works here: {_bundle_hint(device, where='on a Mac')}. A Mac times itself; for iPhone numbers use "
+        f"Xcode's Core ML performance report on the phone"
+    )
+
+
+def coreml_predict_available() -> bool:
+    """True when CoreML models can be run here: macOS with coremltools installed.
+
+    >>> isinstance(coreml_predict_available(), bool)
+    True
+    """
+    return sys.platform == "darwin" and importlib.util.find_spec("coremltools") is not None
+
+
+def measure_coreml(
+    path: str | os.PathLike[str],
+    input_shape: Sequence[int],
+    *,
+    warmup: int,
+    repeats: int,
+    compute_units: str = "ALL",
+    seed: int = 0,
+) -> list[float]:
+    """Time a CoreML ``.mlpackage`` on this Mac: raw latencies in milliseconds.
+
+    Args:
+        path: the ``.mlpackage`` folder.
+        input_shape: its input shape.
+        warmup: untimed runs (>= 0).
+        repeats: timed runs (>= 1).
+        compute_units: ALL, CPU_ONLY, CPU_AND_GPU or CPU_AND_NE.
+        seed: input data seed.
+
+    Returns:
+        ``repeats`` latencies in milliseconds.
+
+    Raises:
+        NasUserError: not macOS (the message explains the bundle workflow),
+            coremltools missing, or a bad argument.
+    """
+    if not coreml_predict_available():
+        raise _coreml_unavailable("iphone12")
+    shape = _check_shape(input_shape)
+    _check_count("warmup", warmup, 0)
+    _check_count("repeats", repeats, 1)
+    try:
+        fn = _runner.coreml_run_fn(path, shape, compute_units=compute_units, seed=seed)
+    except _runner.BundleError as exc:
+        raise NasUserError(str(exc)) from None
+    return _runner.time_runs([fn], warmup=warmup, repeats=repeats)[0]
