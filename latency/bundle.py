@@ -54,13 +54,16 @@ class BundleInfo:
     sha256: str
 
 
-def default_bundle_path(device: str, resolution: ResolutionLike, folder: str | os.PathLike[str] = ".") -> Path:
-    """``lut-<device>-<resolution>.bundle`` in ``folder`` (``224`` or ``512x1024``).
+def default_bundle_path(device: str, resolution: ResolutionLike, folder: str | os.PathLike[str] = ".", *,
+                        task: str = "classify") -> Path:
+    """``lut-<device>-<resolution>[-<task>].bundle`` in ``folder`` (``224`` or ``512x1024``; the task named
+    when it is not ``classify``), beside the LUT it is for.
 
     >>> default_bundle_path("iphone12", (512, 1024)).name
     'lut-iphone12-512x1024.bundle'
     """
-    return Path(folder) / f"lut-{device}-{format_resolution(parse_resolution(resolution))}.bundle"
+    suffix = "" if task == "classify" else f"-{task}"
+    return Path(folder) / f"lut-{device}-{format_resolution(parse_resolution(resolution))}{suffix}.bundle"
 
 
 def _file_name(ident: str, fmt: str, kind: str) -> str:

@@ -209,7 +209,7 @@ def import_results(
     stats = {k: LatencyStats.from_samples(_samples(v, f"{str(rpath)!r}: results[{k!r}]"))
              for k, v in data["results"].items()}
     networks, archs = _networks(data, tk, rpath, where)
-    target = Path(out) if out is not None else default_lut_path(profile.name, setup.resolution)
+    target = Path(out) if out is not None else default_lut_path(profile.name, setup.resolution, task=setup.task)
     table, replaced = _into_table(target, fresh, stats, len(keys))
     complete = bool(data.get("complete")) and len(stats) == len(keys)
     if not complete:

@@ -57,7 +57,8 @@ _SETUP_FIELDS = ("device", "backend", "threads", "batch", "precision", "resoluti
                  "distillation", "task", "space_hash")
 
 
-def default_lut_path(device: str, resolution: ResolutionLike, folder: str | os.PathLike[str] = ".") -> Path:
+def default_lut_path(device: str, resolution: ResolutionLike, folder: str | os.PathLike[str] = ".", *,
+                     task: str = "classify") -> Path:
     """Where ``nas-build-lut`` writes, and ``nas-search`` looks for, a device's LUT.
 
     Args:
@@ -65,13 +66,17 @@ def default_lut_path(device: str, resolution: ResolutionLike, folder: str | os.P
         resolution: ``224``, ``"512x1024"`` or ``(height, width)``; a square one names the
             file by its side.
         folder: the folder.
+        task: ``classify``, or ``backbone`` (profiled without the head: ``-backbone`` in the name).
 
     >>> default_lut_path("iphone12", 32).name
     'lut-iphone12-32.json'
     >>> default_lut_path("iphone12", (512, 1024)).name
     'lut-iphone12-512x1024.json'
+    >>> default_lut_path("iphone12", (512, 1024), task="backbone").name
+    'lut-iphone12-512x1024-backbone.json'
     """
-    return Path(folder) / f"lut-{device}-{format_resolution(parse_resolution(resolution))}.json"
+    suffix = "" if task == "classify" else f"-{task}"
+    return Path(folder) / f"lut-{device}-{format_resolution(parse_resolution(resolution))}{suffix}.json"
 
 
 class LatencyTable:

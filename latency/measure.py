@@ -53,7 +53,7 @@ __all__ = ["BuildProgress", "BuildResult", "VALIDATION_ROUNDS", "build_lut", "me
 logger = logging.getLogger(__name__)
 
 OnGroup = Callable[[list[tuple[Item, list[float]]]], None]
-_BIG_SPACE_PROBES = 1000  # a space with this many probe configs has hundreds of specs (the full V2 space: 16,440)
+_BIG_SPACE_PROBES = 2000  # stage lowerings of enumeration (search_spaces.enumerate.probe_count; the full V2 space: 30,144)
 
 
 # --------------------------------------------------------------------------- timing on this machine
@@ -207,10 +207,10 @@ def _early_workers(space: SearchSpace, jobs: int | None) -> ProcessPoolExecutor 
     They import torch while this process enumerates the specs (the same number of workers
     :func:`latency._private.default_jobs` picks for a big build).
     """
-    from search_spaces.enumerate import probe_archs
+    from search_spaces.enumerate import probe_count
 
     cpus = os.cpu_count() or 1
-    if jobs is not None or cpus < 2 or len(probe_archs(space)) < _BIG_SPACE_PROBES:
+    if jobs is not None or cpus < 2 or probe_count(space) < _BIG_SPACE_PROBES:
         return None
     return start_workers(min(cpus, 8))
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from search_spaces import BlockSpec, LoweringSetup, SearchSpace, family_defaults, lower
-from search_spaces.enumerate import probe_archs
+from search_spaces import BlockSpec, LoweringSetup, SearchSpace
+from search_spaces.enumerate import enumerate_specs
 from search_spaces.errors import NasUserError
 
 if TYPE_CHECKING:
@@ -60,17 +60,9 @@ def resolve_setup(space: SearchSpace, setup: LoweringSetup | None = None, **fiel
         TypeError: both ``setup`` and fields.
         NasUserError: a field out of range.
     """
-    given = {k: v for k, v in fields.items() if v is not None}
-    if setup is not None:
-        if given:
-            raise TypeError(f"give either a LoweringSetup or its fields as keywords, not both (got {sorted(given)})")
-        if not isinstance(setup, LoweringSetup):
-            raise TypeError(f"`setup` must be a LoweringSetup, got {type(setup).__name__}")
-    else:
-        setup = LoweringSetup(**given)
-    if setup.distillation is None:
-        setup = setup.replace(distillation=family_defaults(space.family))
-    return setup
+    from search_spaces.lowering import get_family, resolve_setup as resolve
+
+    return resolve(get_family(space.family), setup, **fields)
 
 
 def lut_specs(space: SearchSpace, setup: LoweringSetup | None = None, *, resolution: ResolutionLike | None = None,
@@ -98,13 +90,7 @@ def lut_specs(space: SearchSpace, setup: LoweringSetup | None = None, *, resolut
     """
     setup = resolve_setup(space, setup, resolution=resolution, num_classes=num_classes, in_chans=in_chans,
                           distillation=distillation, task=task)
-    seen: set[BlockSpec] = set()
-    for arch in probe_archs(space):
-        seen.update(lower(arch, setup))  # specs hash by value: far cheaper than building every key
-    specs = sorted(seen, key=lambda spec: spec.key)
-    if setup.task != "classify" and any(s.kind.endswith(".head") for s in specs):
-        raise NasUserError(f"task {setup.task!r}: lowering still ends every network with the classifier head; "
-                           f"build this LUT with --task classify until it honours the task")
+    specs = enumerate_specs(space, setup)
     if shard is not None:
         i, n = shard
         specs = specs[i - 1::n]

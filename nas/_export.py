@@ -77,7 +77,7 @@ def _lut_paths(sub: SubnetFile) -> dict[str, Path]:
     from latency.lut import default_lut_path
 
     luts = {d: Path(v["path"]) for d, v in sub.provenance.get("luts", {}).items()}
-    local = default_lut_path("local-cpu", sub.hw)
+    local = default_lut_path("local-cpu", sub.hw, task=sub.task)
     if "local-cpu" not in luts and local.is_file():
         luts["local-cpu"] = local
     return luts

@@ -260,12 +260,12 @@ def _setup(args: argparse.Namespace) -> _Setup:
 
 
 def _default_out(args: argparse.Namespace, device: str, resolution: tuple[int, int],
-                 shard: tuple[int, int] | None) -> Path:
+                 shard: tuple[int, int] | None, task: str = "classify") -> Path:
     from latency.lut import default_lut_path
 
     if args.out:
         return Path(args.out)
-    path = default_lut_path(device, resolution)
+    path = default_lut_path(device, resolution, task=task)
     if shard:
         return path.with_name(f"{path.stem}.shard-{shard[0]}of{shard[1]}.json")
     return path
@@ -300,7 +300,7 @@ def _merge(args: argparse.Namespace, profile: DeviceProfile | None) -> int:
     if profile is not None and tables[0].device != profile.name:
         raise NasUserError(f"{args.merge[0]!r} holds a LUT for device {tables[0].device!r}, not {profile.name!r}")
     merged = merge_tables(tables)
-    out = Path(args.out) if args.out else default_lut_path(merged.device, merged.resolution)
+    out = Path(args.out) if args.out else default_lut_path(merged.device, merged.resolution, task=merged.setup.task)
     inputs = {Path(p).resolve() for p in args.merge}
     if out.exists() and out.resolve() not in inputs:
         raise NasUserError(f"{str(out)!r} exists and is not one of the files to merge; pass --out or add it to --merge")
@@ -402,7 +402,7 @@ def _remote(args: argparse.Namespace, profile: DeviceProfile, setup: _Setup, out
     from latency.bundle import default_bundle_path, write_bundle
     from latency.bundle_runner import BundleError
 
-    folder = Path(args.bundle) if args.bundle else default_bundle_path(profile.name, setup.resolution)
+    folder = Path(args.bundle) if args.bundle else default_bundle_path(profile.name, setup.resolution, task=setup.lowering.task)
     if profile.name == "iphone12" and shard is None:
         _predicted(profile, setup, out)  # first: usable even if the bundle cannot be finished here
     if args.bundle is None:
@@ -488,7 +488,7 @@ def _body(args: argparse.Namespace) -> int:
     if args.validate and shard:
         raise NasUserError("--validate needs the whole LUT; run it after --merge, without --shard")
     setup = _setup(args)
-    out = _default_out(args, profile.name, setup.resolution, shard)
+    out = _default_out(args, profile.name, setup.resolution, shard, setup.lowering.task)
     local = profile.is_local and args.bundle is None
     archs = _validation_archs(args, setup, default=DEFAULT_VALIDATE if local and not shard else 0)
     rc = (_local if local else _remote)(args, profile, setup, out, shard, archs)

@@ -23,7 +23,7 @@ from .setup import LoweringSetup
 from .space import SearchSpace, StageChoices
 from .specs import BlockSpec
 
-__all__ = ["enumerate_specs", "probe_stages"]
+__all__ = ["enumerate_specs", "probe_stages", "probe_count"]
 
 
 def probe_stages(ch: StageChoices, width: int) -> list[StageConfig]:
@@ -38,6 +38,16 @@ def probe_stages(ch: StageChoices, width: int) -> list[StageConfig]:
         stages.append(StageConfig(width, (opening,)))  # the stage ends without attention
         stages += [StageConfig(width, (opening, a)) for a in attn]  # each as the stage's first attention block
     return stages
+
+
+def probe_count(space: SearchSpace) -> int:
+    """About how many stage lowerings :func:`enumerate_specs` does for ``space`` (a measure of its size)."""
+    total, carries = 0, len(space.stages[0].widths)
+    for ch in space.stages:
+        n_exp, n_attn = len(ch.expansions), len(ch.attn_mixers) * len(ch.expansions)
+        total += carries * len(ch.widths) * n_exp * (2 + n_attn)
+        carries = len(ch.widths) * (2 if ch.attn_mixers else 1)
+    return total
 
 
 def enumerate_specs(

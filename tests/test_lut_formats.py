@@ -196,7 +196,7 @@ def test_runner_times_non_square_inputs(tmp_path: Path) -> None:
 def test_cli_passes_hxw_and_task_to_the_lowering(extra: list[str], res_text: str, task: str, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lowering decides whether it supports the setup yet; either way the CLI carries it through whole."""
+    """The CLI carries the setup through whole: the predicted LUT and the bundle say HxW and the task."""
     from nas.cli_build_lut import main
 
     monkeypatch.chdir(tmp_path)
@@ -204,16 +204,14 @@ def test_cli_passes_hxw_and_task_to_the_lowering(extra: list[str], res_text: str
             "--no-progress", "--jobs", "1", *extra]
     rc = main(argv)
     err = capsys.readouterr().err
-    lut = tmp_path / f"lut-iphone12-{res_text}.json"
-    if rc == 0:  # lowering supports it: the predicted LUT's header says so
-        data = json.loads(lut.read_text())
-        assert data["task"] == task and LoweringSetup(resolution=data["resolution"]).text == res_text
-        assert (tmp_path / f"lut-iphone12-{res_text}.bundle" / "manifest.json").is_file()
-    else:  # not yet: one line naming the setup, nothing written
-        lines = [ln for ln in err.strip().splitlines() if not ln.startswith("nas-build-lut: using")]
-        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-        assert res_text in lines[0] or repr(task) in lines[0], lines[0]
-        assert not lut.exists() and not (tmp_path / f"lut-iphone12-{res_text}.bundle").exists()
+    suffix = "" if task == "classify" else f"-{task}"
+    lut = tmp_path / f"lut-iphone12-{res_text}{suffix}.json"
+    assert rc == 0, err
+    data = json.loads(lut.read_text())
+    assert data["task"] == task and LoweringSetup(resolution=data["resolution"]).text == res_text
+    assert (tmp_path / f"lut-iphone12-{res_text}{suffix}.bundle" / "manifest.json").is_file()
+    heads = [k for k in data["entries"] if k.split("|")[0].endswith(".head")]
+    assert bool(heads) == (task == "classify")
 
 
 def test_cli_refuses_a_bad_resolution(capsys: pytest.CaptureFixture[str]) -> None:
