@@ -76,8 +76,14 @@ def _check_coreml_args(module: torch.nn.Module, input_shape: Sequence[int], path
     return shape, path
 
 
-def _trace(module: torch.nn.Module, shape: tuple[int, ...]) -> torch.jit.ScriptModule:
-    """``torch.jit.trace`` of ``module`` in eval mode on one thread (its train/eval mode restored)."""
+def output_names(n: int) -> list[str]:
+    """``["output"]`` for one output; ``feature0``, ``feature1``, ... for a backbone's stage maps."""
+    return [_OUTPUT_NAME] if n == 1 else [f"feature{i}" for i in range(n)]
+
+
+def _trace(module: torch.nn.Module, shape: tuple[int, ...]) -> tuple[torch.jit.ScriptModule, int]:
+    """``torch.jit.trace`` of ``module`` in eval mode on one thread (its train/eval mode restored), and
+    its number of outputs (one tensor, or a list or tuple of tensors)."""
     was_training = module.training
     module.eval()
     try:
@@ -87,12 +93,13 @@ def _trace(module: torch.nn.Module, shape: tuple[int, ...]) -> torch.jit.ScriptM
             on_cpu = all(t.device.type == "cpu" for t in itertools.chain(module.parameters(), module.buffers()))
             cpu_module = module if on_cpu else copy.deepcopy(module).cpu()
             out = cpu_module(example)
-            if not isinstance(out, torch.Tensor):
+            outs = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, (list, tuple)) else None
+            if not outs or not all(isinstance(t, torch.Tensor) for t in outs):
                 raise NasUserError(
-                    f"CoreML conversion supports modules with one tensor output; {type(module).__name__} returned "
-                    f"{type(out).__name__}"
+                    f"CoreML conversion supports modules that return a tensor or a list of tensors; "
+                    f"{type(module).__name__} returned {type(out).__name__}"
                 )
-            return torch.jit.trace(cpu_module, example)
+            return torch.jit.trace(cpu_module, example, strict=False), len(outs)
     except NasUserError:
         raise
     except Exception as exc:
@@ -131,13 +138,14 @@ def convert_coreml(
     converted with ``coremltools.convert(convert_to="mlprogram")``. With fp16
     precision and an iOS16/macOS13 or later target, the input and output are
     fp16 too, so a block does not pay casts at its boundaries. The input is
-    named ``"input"`` and the output ``"output"``. Torch is pinned to one
+    named ``"input"`` and the output ``"output"`` (several outputs, such as a backbone's stage
+    maps: ``feature0``, ``feature1``, ...). Torch is pinned to one
     thread while tracing and converting (it is several times faster on a busy
     machine). Conversion works on any OS; only prediction needs macOS.
     coremltools' progress bars are kept off stderr (they go to the DEBUG log).
 
     Args:
-        module: a module with one tensor input and one tensor output.
+        module: a module with one tensor input and a tensor (or a list of tensors) as output.
         input_shape: the input shape, used as given.
         path: destination ending in ``.mlpackage``; an existing one is replaced.
         precision: ``"fp16"`` or ``"fp32"`` compute precision.
@@ -148,8 +156,8 @@ def convert_coreml(
         The path of the saved ``.mlpackage``.
 
     Raises:
-        NasUserError: a bad argument, coremltools missing, or a module with
-            several outputs.
+        NasUserError: a bad argument, coremltools missing, or a module whose output is not
+            tensors.
         RuntimeError: tracing or conversion failed.
     """
     shape, path = _check_coreml_args(module, input_shape, path, precision, compute_units, target)
@@ -160,14 +168,14 @@ def convert_coreml(
 
     io_dtype = np.float16 if precision == "fp16" and target in _FP16_IO_TARGETS else np.float32
     t0 = time.perf_counter()
-    traced = _trace(module, shape)
+    traced, n_out = _trace(module, shape)
     t1 = time.perf_counter()
     try:
         with _captured_stderr() as captured, torch_threads(1):
             mlmodel = ct.convert(
                 traced,
                 inputs=[ct.TensorType(name=_INPUT_NAME, shape=shape, dtype=io_dtype)],
-                outputs=[ct.TensorType(name=_OUTPUT_NAME, dtype=io_dtype)],
+                outputs=[ct.TensorType(name=name, dtype=io_dtype) for name in output_names(n_out)],
                 convert_to="mlprogram",
                 minimum_deployment_target=getattr(ct.target, target),
                 compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,

@@ -126,6 +126,7 @@ def export_onnx(
     *,
     opset: int = 17,
     check: bool = True,
+    outputs: int = 1,
 ) -> bytes:
     """Export ``module`` to ONNX with the TorchScript exporter and check the result.
 
@@ -134,7 +135,8 @@ def export_onnx(
     afterwards. Torch runs on one thread meanwhile (restored afterwards): on a
     busy machine more torch threads make export several times slower, and an
     idle torch thread pool must not compete with the timing that follows. The
-    graph has one input ``"input"`` and its (first) output is named ``"output"``.
+    graph has one input ``"input"``; its output is named ``"output"``, or, for a module
+    returning ``outputs`` tensors (a backbone's stage maps), ``feature0``, ``feature1``, ....
 
     Args:
         module: the module to export.
@@ -145,6 +147,7 @@ def export_onnx(
         opset: ONNX opset version (>= 11).
         check: run ``onnx.checker`` on the result (ONNX Runtime checks a model it loads
             anyway; builds that load at once skip it).
+        outputs: how many tensors the module returns.
 
     Returns:
         The serialized model, ready for :func:`ort_session`.
@@ -176,7 +179,7 @@ def export_onnx(
                 dynamo=False,
                 opset_version=opset,
                 input_names=[_INPUT_NAME],
-                output_names=[_OUTPUT_NAME],
+                output_names=[_OUTPUT_NAME] if outputs == 1 else [f"feature{i}" for i in range(outputs)],
                 do_constant_folding=True,
                 export_params=True,
             )

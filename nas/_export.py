@@ -51,7 +51,7 @@ def export_formats(model: StaticNet, sub: SubnetFile, metrics: dict[str, Any], f
 
         from latency.runtime import export_onnx
 
-        export_onnx(model, shape, out / "model.onnx")
+        export_onnx(model, shape, out / "model.onnx", outputs=1 if model.has_head else len(model.out_indices))
         sample = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
         sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
         got = sess.run(None, {sess.get_inputs()[0].name: sample.numpy()})

@@ -34,8 +34,8 @@ def _subnet(folder: Path, work: F.Shared, **changes: object) -> Path:
     return sub.save(folder / "subnet.json")
 
 
-def _extract(folder: Path, *args: str) -> tuple[Path, dict]:
-    r = F.cli("nas-extract", "subnet.json", "--formats", "safetensors,onnx", *args, cwd=folder, timeout=900)
+def _extract(folder: Path, *args: str, formats: str = "safetensors,onnx") -> tuple[Path, dict]:
+    r = F.cli("nas-extract", "subnet.json", "--formats", formats, *args, cwd=folder, timeout=900)
     assert r.returncode == 0, F.describe(r)
     assert "Traceback" not in r.stderr
     out = folder / re.search(r"^extracted model: (\S+)", r.stdout, flags=re.M).group(1)
@@ -48,7 +48,7 @@ def test_features_only_writes_a_multi_output_backbone(work: F.Shared, tmp_path: 
     from nas.extract import load_subnet
 
     _subnet(tmp_path, work)
-    out, metrics = _extract(tmp_path, "--features-only", "--no-measure")
+    out, metrics = _extract(tmp_path, "--features-only", "--no-measure", formats="safetensors,onnx,coreml")
     model = load_subnet(out)
     assert not model.has_head and len(model.feature_info) == 4
     x = torch.randn(1, model.in_chans, *model.hw)
@@ -57,9 +57,14 @@ def test_features_only_writes_a_multi_output_backbone(work: F.Shared, tmp_path: 
     assert [f.shape[1] for f in feats] == [i["num_chs"] for i in model.feature_info]
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-    assert len(got) == 4
+    assert [o.name for o in sess.get_outputs()] == ["feature0", "feature1", "feature2", "feature3"]
     assert max(float(np.abs(g - f.numpy()).max()) for g, f in zip(got, feats)) <= 1e-4
     assert metrics["deployed_as"].startswith("backbone") and metrics["onnx_max_abs"] <= 1e-4
+    import coremltools as ct  # the CoreML package holds one output per stage, of the maps' shapes
+
+    spec = ct.models.MLModel(str(out / "model.mlpackage"), skip_model_load=True).get_spec()
+    assert [(o.name, list(o.type.multiArrayType.shape)) for o in spec.description.output] == \
+        [(f"feature{i}", list(f.shape)) for i, f in enumerate(feats)]
     # the supernet's stage maps for the same config have the same shapes (values differ: BN was recalibrated)
     from supernet.run import load_supernet
 
