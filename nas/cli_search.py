@@ -17,7 +17,7 @@ from search_spaces.fileio import atomic_write_text
 
 from ._cli import NasArgumentParser, announce, int_at_least, run_cli
 from .objectives import MesWeights
-from .search import SearchSettings
+from .search import SearchSettings, strategy_names
 from .search_run import NoFeasibleSubnet, SearchRunConfig, run_search
 
 EPILOG = """examples:
@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supernet", help="supernet run folder (default: the latest one under this folder)")
     p.add_argument("--lut", action="append", default=[], help="LUT file, repeatable (default: lut-DEVICE-RES.json here)")
     p.add_argument("--out", help="output folder (default: runs/search, and subnet.json is also copied here)")
-    p.add_argument("--strategy", default=d.strategy, help="slim (EfficientFormerV2 joint slimming) or nsga2")
+    p.add_argument("--strategy", default=d.strategy,
+                   help=f"one of {', '.join(strategy_names())}: slim is EfficientFormerV2's joint slimming, "
+                        f"nsga2 optuna's NSGA-II")
     p.add_argument("--seed", type=int_at_least(0), default=d.seed)
     p.add_argument("--val-images", type=int_at_least(1), default=2000, help="validation images per accuracy estimate")
     p.add_argument("--calib-batches", type=int_at_least(1), default=4,
