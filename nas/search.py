@@ -14,6 +14,7 @@ latency from the LUTs, through one predictor per device.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 
@@ -134,8 +135,23 @@ class SearchSettings:
     Args:
         strategy: a registered strategy name (:func:`strategy_names`).
         seed: seed of every random choice of the search.
-        max_actions: slim: evaluate at most this many random actions per step (0: no limit).
+        max_actions: slim with ``exhaustive``: evaluate at most this many random actions per step (0: all).
         extra_steps: slim: steps to continue after every budget is met.
+        exhaustive: slim: give every action of every step a real evaluation on every validation
+            image (the original algorithm) instead of the fast path below.
+        top_k: slim (fast): actions per step that get a real evaluation, those the accuracy
+            predictor ranks best by predicted accuracy drop per MES gain.
+        explore: slim (fast): further actions per step, drawn at random, that get a real evaluation.
+        rung_images: slim (fast): validation images of the first successive-halving rung; each
+            further rung doubles them and keeps the better half, up to every image.
+        max_combine: slim (fast): most non-conflicting actions applied together in one step while
+            far from the budgets.
+        far: slim (fast): "far from the budgets" means the most violated budget is exceeded by more
+            than this fraction (0.25: 25 % over); nearer, every step applies one action.
+        prefix_cache_mb: slim (fast): memory for the block inputs of the current subnet, reused by
+            candidates that share its leading blocks.
+        surrogate: nsga2: after the first population, trials whose predicted accuracy cannot beat
+            the best real one are scored by the predictor instead of a real evaluation (off by default).
         n_trials: nsga2: complete trials in total (a rerun resumes the study).
         population_size: nsga2: NSGA-II population.
         storage: nsga2: optuna storage URL (``None``: SQLite in the output folder).
@@ -146,6 +162,14 @@ class SearchSettings:
     seed: int = 0
     max_actions: int = 0
     extra_steps: int = 3
+    exhaustive: bool = False
+    top_k: int = 6
+    explore: int = 2
+    rung_images: int = 256
+    max_combine: int = 8
+    far: float = 0.25
+    prefix_cache_mb: int = 1024
+    surrogate: bool = False
     n_trials: int = 60
     population_size: int = 16
     storage: str | None = None
@@ -155,9 +179,14 @@ class SearchSettings:
         names = strategy_names()
         if self.strategy not in names:
             raise NasUserError(f"--strategy must be one of {names}, got {self.strategy!r}")
-        for name, low in (("max_actions", 0), ("extra_steps", 0), ("n_trials", 1), ("population_size", 2)):
-            if getattr(self, name) < low:
-                raise NasUserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        for name, low in (("max_actions", 0), ("extra_steps", 0), ("n_trials", 1), ("population_size", 2),
+                          ("top_k", 1), ("explore", 0), ("rung_images", 1), ("max_combine", 1),
+                          ("prefix_cache_mb", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise NasUserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if not (isinstance(self.far, (int, float)) and math.isfinite(self.far) and self.far >= 0):
+            raise NasUserError(f"--far must be a finite number >= 0 (a fraction over budget), got {self.far!r}")
 
 
 @dataclass
@@ -169,6 +198,7 @@ class SearchOutcome:
     path: list[Row] = field(default_factory=list)
     seconds: float = 0.0
     evaluated: int = 0
+    stats: dict[str, float | int | str | None] = field(default_factory=dict)
 
 
 class SearchStrategy(Protocol):

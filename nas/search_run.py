@@ -178,13 +178,16 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
         storage = _storage(f"sqlite:///{(out / 'study.db').resolve()}")
     evaluator = AccuracyEvaluator(net, splits, val_images=cfg.val_images, calib_batches=cfg.calib_batches,
                                   seed=cfg.settings.seed, cache_path=out / "accuracy_cache.jsonl",
-                                  identity=inputs.run.weights_sha256)
+                                  identity=inputs.run.weights_sha256,
+                                  prefix_cache_bytes=cfg.settings.prefix_cache_mb << 20)
     if len(evaluator):
         say(f"nas-search: {len(evaluator)} cached accuracies in {out / 'accuracy_cache.jsonl'} will be reused")
     scorer = Scorer(space=inputs.run.space, accuracy=evaluator, latency=inputs.models, budgets=inputs.budgets,
                     primary_device=inputs.primary, lower=net.lower, weights=cfg.mes)
     outcome = strategy.run(scorer, cfg.settings, progress=progress, storage=storage)
     outcome.evaluated = evaluator.evaluated
+    outcome.stats.update(evaluated_full=evaluator.evaluated_full, evaluated_images=evaluator.evaluated_images,
+                         validation_images=evaluator.n_images)
     files = _write_reports(out, cfg, inputs, outcome)
     if outcome.best is None:
         raise _no_feasible(scorer, inputs, outcome)
@@ -214,6 +217,7 @@ def _write_reports(out: Path, cfg: SearchRunConfig, inputs: _Inputs, outcome: Se
         "evaluated": outcome.evaluated,
         "candidates_per_minute": 60 * len(outcome.candidates) / max(outcome.seconds, 1e-9),
         "supernet_run": str(inputs.run.path), "feasible": sum(c.feasible for c in outcome.candidates),
+        **outcome.stats,
     }
     files["search.json"] = atomic_write_json(out / "search.json", summary)
     print(summary_table(outcome.candidates, primary, best=outcome.best), file=sys.stderr)

@@ -134,10 +134,28 @@ class StageChoices:
 
 @dataclass(frozen=True)
 class SlimAction:
-    """One slimming step from a config: what it does, and the config it leads to."""
+    """One slimming step from a config: what it does, and the config it leads to.
+
+    Args:
+        name: what the step does, e.g. ``s3.block 2 expansion 4->3``.
+        arch: the config it leads to.
+        stage: the stage it changes (0-based; -1: unknown).
+        block: the one block it changes in place (0-based), or -1 when it changes the stage as a
+            whole (width, depth). Two actions with different stages, or different blocks of the
+            same stage that neither changes as a whole, can be applied together
+            (:meth:`SearchSpace.combine`).
+    """
 
     name: str
     arch: ArchConfig
+    stage: int = -1
+    block: int = -1
+
+    def conflicts(self, other: SlimAction) -> bool:
+        """Whether the two actions touch the same stage as a whole or the same block."""
+        if self.stage < 0 or other.stage < 0:
+            return True
+        return self.stage == other.stage and (self.block < 0 or other.block < 0 or self.block == other.block)
 
 
 @dataclass(frozen=True)
@@ -403,10 +421,10 @@ class SearchSpace:
             n_attn = sum(b.mixer != ch.plain_mixer for b in blocks)
             n_plain = len(blocks) - n_attn
 
-            def emit(name: str, new_blocks: list[BlockConfig], width: int = st.width) -> None:
+            def emit(name: str, new_blocks: list[BlockConfig], width: int = st.width, block: int = -1) -> None:
                 cand = arch.replace_stage(si, StageConfig(width, tuple(new_blocks)))
                 if self.contains(cand):
-                    actions.append(SlimAction(name, cand))
+                    actions.append(SlimAction(name, cand, si, block))
 
             wi = ch.widths.index(st.width)
             if wi > 0:
@@ -417,17 +435,46 @@ class SearchSpace:
                 emit(f"{tag}.drop attention block {len(blocks)}", blocks[:-1])
                 first = blocks[n_plain]
                 emit(f"{tag}.block {n_plain + 1} {first.mixer}->{ch.plain_mixer}",
-                     blocks[:n_plain] + [BlockConfig(ch.plain_mixer, first.expansion)] + blocks[n_plain + 1:])
+                     blocks[:n_plain] + [BlockConfig(ch.plain_mixer, first.expansion)] + blocks[n_plain + 1:],
+                     block=n_plain)
             for bi, b in enumerate(blocks):
                 ei = ch.expansions.index(b.expansion)
                 if ei > 0:
                     nb = list(blocks)
                     nb[bi] = BlockConfig(b.mixer, ch.expansions[ei - 1])
-                    emit(f"{tag}.block {bi + 1} expansion {b.expansion}->{ch.expansions[ei - 1]}", nb)
+                    emit(f"{tag}.block {bi + 1} expansion {b.expansion}->{ch.expansions[ei - 1]}", nb, block=bi)
                 if b.mixer in ch.attn_mixers:
                     mi = ch.attn_mixers.index(b.mixer)
                     if mi > 0:
                         nb = list(blocks)
                         nb[bi] = BlockConfig(ch.attn_mixers[mi - 1], b.expansion)
-                        emit(f"{tag}.block {bi + 1} {b.mixer}->{ch.attn_mixers[mi - 1]}", nb)
+                        emit(f"{tag}.block {bi + 1} {b.mixer}->{ch.attn_mixers[mi - 1]}", nb, block=bi)
         return actions
+
+    def combine(self, arch: ArchConfig, actions: Sequence[SlimAction]) -> ArchConfig:
+        """``arch`` with several non-conflicting slimming actions of ``arch`` applied together.
+
+        Raises:
+            SpaceError: two actions conflict (:meth:`SlimAction.conflicts`), or the result is outside the space.
+
+        >>> from search_spaces import get_space
+        >>> space = get_space("efficientformer_v2_demo")
+        >>> acts = space.slimming_actions(space.largest())
+        >>> a, b = acts[0], next(x for x in acts if not x.conflicts(acts[0]))
+        >>> both = space.combine(space.largest(), [a, b])
+        >>> both.stages[a.stage] == a.arch.stages[a.stage] and both.stages[b.stage] == b.arch.stages[b.stage]
+        True
+        """
+        stages = list(arch.stages)
+        for i, act in enumerate(actions):
+            for other in actions[:i]:
+                if act.conflicts(other):
+                    raise SpaceError(f"slimming actions {other.name!r} and {act.name!r} conflict; apply them one at a time")
+            new = act.arch.stages[act.stage]
+            if act.block < 0:
+                stages[act.stage] = new
+            else:
+                blocks = list(stages[act.stage].blocks)
+                blocks[act.block] = new.blocks[act.block]
+                stages[act.stage] = StageConfig(stages[act.stage].width, tuple(blocks))
+        return self.check(self._arch(stages))

@@ -32,44 +32,59 @@ def step_message(step: int, name: str, current: Candidate, primary: str) -> str:
 
 @register_strategy("slim")
 class SlimStrategy:
-    """Greedy joint slimming from the largest config; every action of a step gets a real evaluation."""
+    """Greedy joint slimming from the largest config.
+
+    By default the fast path (:mod:`nas.strategies.slim_fast`) chooses which actions get a real
+    evaluation and on how many images; with ``settings.exhaustive`` (or an accuracy source that
+    cannot evaluate on part of the images) every action of every step gets a full real evaluation.
+    """
 
     name = "slim"
     uses_study = False
 
     def run(self, scorer: Scorer, settings: SearchSettings, *, progress: Progress | None = None,
             storage: BaseStorage | None = None) -> SearchOutcome:
-        t0 = time.perf_counter()
-        rng = random.Random(f"slim:{settings.seed}")
-        space = scorer.space
-        current = scorer(space.largest())
-        path = [{"step": 0, "action": "start (largest)", **current.row()}]
-        steps_after_feasible = 0
-        step = 0
-        while True:
-            if current.feasible:
-                if steps_after_feasible >= settings.extra_steps:
-                    break
-                steps_after_feasible += 1
-            actions = space.slimming_actions(current.arch)
-            if not actions:
+        if not settings.exhaustive and hasattr(scorer.accuracy, "correct"):
+            from .slim_fast import fast_slim
+
+            return fast_slim(scorer, settings, progress=progress)
+        return exhaustive_slim(scorer, settings, progress=progress)
+
+
+def exhaustive_slim(scorer: Scorer, settings: SearchSettings, *, progress: Progress | None = None) -> SearchOutcome:
+    """Greedy slimming in which every action (or ``max_actions`` random ones) of every step is evaluated."""
+    t0 = time.perf_counter()
+    rng = random.Random(f"slim:{settings.seed}")
+    space = scorer.space
+    current = scorer(space.largest())
+    path = [{"step": 0, "action": "start (largest)", **current.row()}]
+    steps_after_feasible = 0
+    step = 0
+    while True:
+        if current.feasible:
+            if steps_after_feasible >= settings.extra_steps:
                 break
-            if settings.max_actions and len(actions) > settings.max_actions:
-                actions = rng.sample(actions, settings.max_actions)
-            best_ratio, best = math.inf, None
-            for act in actions:
-                cand = scorer(act.arch)
-                gain = cand.mes - current.mes
-                if gain <= 0:
-                    continue
-                ratio = (current.accuracy - cand.accuracy) / gain
-                if ratio < best_ratio:
-                    best_ratio, best = ratio, (act.name, cand)
-            if best is None:
-                break
-            step += 1
-            name, current = best
-            path.append({"step": step, "action": name, **current.row()})
-            (progress or logger.info)(step_message(step, name, current, scorer.primary))
-        cands = list(scorer.seen.values())
-        return SearchOutcome(cands, best_feasible(cands, scorer.primary), path, time.perf_counter() - t0)
+            steps_after_feasible += 1
+        actions = space.slimming_actions(current.arch)
+        if not actions:
+            break
+        if settings.max_actions and len(actions) > settings.max_actions:
+            actions = rng.sample(actions, settings.max_actions)
+        best_ratio, best = math.inf, None
+        for act in actions:
+            cand = scorer(act.arch)
+            gain = cand.mes - current.mes
+            if gain <= 0:
+                continue
+            ratio = (current.accuracy - cand.accuracy) / gain
+            if ratio < best_ratio:
+                best_ratio, best = ratio, (act.name, cand)
+        if best is None:
+            break
+        step += 1
+        name, current = best
+        path.append({"step": step, "action": name, **current.row()})
+        (progress or logger.info)(step_message(step, name, current, scorer.primary))
+    cands = list(scorer.seen.values())
+    return SearchOutcome(cands, best_feasible(cands, scorer.primary), path, time.perf_counter() - t0,
+                         stats={"mode": "exhaustive"})

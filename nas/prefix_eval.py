@@ -1,0 +1,185 @@
+"""Evaluate subnets that share a prefix with an anchor subnet by running only their suffix.
+
+A subnet is a sequence of blocks (``Supernet.unit_names(arch)`` zipped with ``net.lower(arch)``,
+in forward order). Two subnets that agree on their first ``k`` blocks (same supernet unit and same
+spec) compute the same activations entering block ``k`` for the same input, in training mode (BN
+recalibration) and in evaluation mode (with the same recalibrated statistics). So the inputs of the
+anchor's blocks are computed once, on the fixed calibration batches (training mode) and on the
+fixed validation batches (evaluation mode), and kept; a candidate that differs from block ``k`` on
+only recalibrates and runs blocks ``k...``. The result is the same computation as a full
+recalibration and evaluation, block for block, on the same batches.
+
+Kept inputs are limited to ``cache_bytes``; boundaries nearer the head are kept first (they are
+the cheapest to keep and save the most work). A candidate starts from the last kept boundary at
+or before its first differing block.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn as nn
+
+if TYPE_CHECKING:
+    from search_spaces import ArchConfig, BlockSpec
+    from supernet.elastic import Supernet
+
+__all__ = ["PrefixCachedRunner"]
+
+logger = logging.getLogger(__name__)
+
+Unit = tuple[str, "BlockSpec"]
+
+
+@dataclass
+class _Boundary:
+    """The inputs of one block of the anchor: one tensor per calibration batch and per validation batch."""
+
+    calib: list[torch.Tensor]
+    val: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.calib, *self.val))
+
+
+def _bns(modules: Sequence[nn.Module]) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class PrefixCachedRunner:
+    """Validation logits of subnets, with BN recalibrated, reusing an anchor subnet's block inputs.
+
+    Args:
+        net: the supernet.
+        calib: BN calibration batches ``(B, C, H, W)`` (as :func:`supernet.bn.recalibrate_bn` uses them).
+        val: validation image batches ``(B, C, H, W)``, in order.
+        cache_bytes: most bytes of kept block inputs.
+        channels_last: run blocks in ``torch.channels_last`` memory format.
+    """
+
+    def __init__(self, net: Supernet, calib: Sequence[torch.Tensor], val: Sequence[torch.Tensor], *,
+                 cache_bytes: int = 1 << 30, channels_last: bool = True) -> None:
+        self.net, self.calib, self.val = net, list(calib), list(val)
+        self.cache_bytes, self.channels_last = cache_bytes, channels_last
+        self._anchor: list[Unit] | None = None
+        self._anchor_arch: ArchConfig | None = None
+        self._kept: dict[int, _Boundary] = {0: _Boundary(self.calib, self.val)}
+        self.blocks_run = 0          # blocks recalibrated and run, over all calls (work done)
+        self.blocks_total = 0        # blocks a full recalibration and evaluation would have run
+
+    # ------------------------------------------------------------------ structure
+    def units(self, arch: ArchConfig) -> list[Unit]:
+        """``(supernet unit name, spec)`` of every block of ``arch``, in forward order."""
+        names, specs = self.net.unit_names(arch), self.net.lower(arch)
+        if len(names) != len(specs):
+            raise RuntimeError(f"the supernet names {len(names)} units but the lowering has {len(specs)} blocks "
+                               f"for {arch.to_string()}")
+        return list(zip(names, specs))
+
+    @staticmethod
+    def common_prefix(a: Sequence[Unit], b: Sequence[Unit]) -> int:
+        """Number of leading blocks that ``a`` and ``b`` share (same unit, same spec)."""
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    def _start(self, units: Sequence[Unit]) -> int:
+        """The last kept boundary at or before the first block where ``units`` leaves the anchor."""
+        if self._anchor is None:
+            return 0
+        p = self.common_prefix(self._anchor, units)
+        return max(k for k in self._kept if k <= min(p, len(units) - 1))
+
+    # ------------------------------------------------------------------ running
+    def _modules(self, units: Sequence[Unit]) -> list[nn.Module]:
+        mods = []
+        for name, spec in units:
+            m = self.net.units[name].export(spec)
+            mods.append(m.to(memory_format=torch.channels_last) if self.channels_last else m)
+        return mods
+
+    @torch.no_grad()
+    def logits(self, arch: ArchConfig, n_batches: int | None = None, *, keep: bool = False) -> torch.Tensor:
+        """Logits ``(N, classes)`` of ``arch`` on the first ``n_batches`` validation batches (default all).
+
+        With ``keep``, ``arch`` becomes the anchor and the inputs of its blocks are kept (all batches).
+        """
+        units = self.units(arch)
+        n_batches = len(self.val) if n_batches is None or keep else min(n_batches, len(self.val))
+        start = self._start(units)
+        base = self._kept[start]
+        mods = self._modules(units[start:])
+        keep_at = self._plan(units, start) if keep else set()
+        new: dict[int, _Boundary] = {k: _Boundary([], []) for k in keep_at}
+        self._recalibrate(mods, base.calib, start, new)
+        for mod in mods:
+            mod.eval()
+        out = []
+        for x in base.val[:n_batches]:
+            for j, mod in enumerate(mods):
+                if start + j in new:
+                    new[start + j].val.append(x)
+                x = mod(x)
+            out.append(x)
+        self.blocks_run += len(mods)
+        self.blocks_total += len(units)
+        if keep:
+            self._kept = {k: b for k, b in self._kept.items() if k <= start} | new
+            self._anchor, self._anchor_arch = list(units), arch
+        return torch.cat(out) if out else torch.empty(0)
+
+    def _recalibrate(self, mods: Sequence[nn.Module], calib: Sequence[torch.Tensor], start: int,
+                     new: dict[int, _Boundary]) -> None:
+        """Re-estimate the BN statistics of ``mods`` on ``calib`` (cumulative average), keeping inputs in ``new``."""
+        bns = _bns(mods)
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+        for mod in mods:
+            mod.train()
+        for x in calib:
+            for j, mod in enumerate(mods):
+                if start + j in new:
+                    new[start + j].calib.append(x)
+                x = mod(x)
+
+    def _plan(self, units: Sequence[Unit], start: int) -> set[int]:
+        """Boundaries after ``start`` to keep for a new anchor: from the head backwards, within the byte limit.
+
+        Kept boundaries at or before ``start`` stay (they are the new anchor's too).
+        """
+        sizes = self._boundary_bytes(units)
+        budget = self.cache_bytes - sum(b.nbytes for k, b in self._kept.items() if 0 < k <= start)
+        keep = set()
+        for k in range(len(units) - 1, start, -1):
+            if sizes[k] <= budget:
+                keep.add(k)
+                budget -= sizes[k]
+        return keep
+
+    def _boundary_bytes(self, units: Sequence[Unit]) -> list[int]:
+        """Bytes of the inputs of each block over every calibration and validation image (from one image)."""
+        images = sum(len(t) for t in self.calib) + sum(len(t) for t in self.val)
+        x = self.val[0][:1]
+        sizes = []
+        mods = self._modules(units)
+        for mod in mods:
+            mod.eval()
+            sizes.append(x[0].numel() * x.element_size() * images)
+            x = mod(x)
+        return sizes
+
+    # ------------------------------------------------------------------ anchor
+    @property
+    def anchor(self) -> ArchConfig | None:
+        return self._anchor_arch
+
+    def kept_bytes(self) -> int:
+        """Bytes of kept block inputs (the input batches themselves not counted)."""
+        return sum(b.nbytes for k, b in self._kept.items() if k > 0)
