@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Sequence, overload
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from supernet.data import DatasetSplits, ImageSplit, calibration_batches, load_d
 from supernet.elastic import Supernet
 from supernet.run import SupernetRun
 
-from .prefix_eval import PrefixCachedRunner
+from .prefix_eval import PrefixCachedRunner, Prepared
 
 __all__ = ["AccuracyEvaluator", "load_run_splits"]
 
@@ -36,6 +37,31 @@ def load_run_splits(run: SupernetRun) -> DatasetSplits:
     recipe = run.meta["recipe"]
     return load_dataset(recipe["dataset"], resolution=run.resolution, seed=recipe["seed"],
                         val_size=recipe.get("val_size"), train_subset=recipe.get("train_subset"))
+
+
+class _ValBatches(Sequence[torch.Tensor]):
+    """The validation image batches, normalised when read (never all held in memory at once)."""
+
+    def __init__(self, split: ImageSplit, batch_size: int) -> None:
+        self.split, self.batch_size = split, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.split) / self.batch_size)
+
+    @overload
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[torch.Tensor]: ...
+
+    def __getitem__(self, i: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not 0 <= i < len(self):
+            raise IndexError(f"batch {i} of {len(self)}")
+        loader = make_loader(self.split, batch_size=self.batch_size, shuffle=False, seed=0, channels_last=True,
+                             start_batch=i)
+        return next(iter(loader))[0]
 
 
 def _pack(correct: np.ndarray) -> str:
@@ -76,8 +102,7 @@ class AccuracyEvaluator:
                                          channels_last=True)
         self.batch_size = batch_size
         self.n_images = n
-        self._batches = list(make_loader(self.val, batch_size=batch_size, shuffle=False, seed=0, channels_last=True))
-        self._labels = torch.cat([y for _, y in self._batches]) if self._batches else torch.empty(0, dtype=torch.long)
+        self._labels = self.val.labels
         # cached figures count only under the same weights, images and calibration
         self.setting = f"{identity}|val={n}|calib={nb}x{calib_batch_size}|seed={seed}"
         self.cache_path = Path(cache_path) if cache_path is not None else None
@@ -86,9 +111,11 @@ class AccuracyEvaluator:
         self.evaluated = 0          # real evaluations (each on some or all of the images)
         self.evaluated_full = 0     # of them, on every image
         self.evaluated_images = 0
-        self.runner = (PrefixCachedRunner(net, self.calib, [x for x, _ in self._batches],
+        self.runner = (PrefixCachedRunner(net, self.calib, _ValBatches(self.val, batch_size), val_images=n,
                                           cache_bytes=prefix_cache_bytes) if prefix_cache_bytes is not None else None)
         self._anchor: ArchConfig | None = None
+        self._prepared: dict[str, Prepared] = {}   # recalibrated suffixes of this step's candidates, oldest first
+        self._prepared_bytes = (prefix_cache_bytes or 0) // 4
         self._read_cache()
 
     def _read_cache(self) -> None:
@@ -129,15 +156,18 @@ class AccuracyEvaluator:
             return hit
         model = self.net.get_active_subnet(arch).to(memory_format=torch.channels_last)
         model = recalibrate_bn(model, None, self.calib)
-        logits = torch.cat([model(x) for x, _ in self._batches])
+        loader = make_loader(self.val, batch_size=self.batch_size, shuffle=False, seed=0, channels_last=True)
+        logits = torch.cat([model(x) for x, _ in loader])
         return self._record(arch, (logits.argmax(dim=-1) == self._labels).numpy())
 
     def correct(self, arch: ArchConfig, images: int, *, keep: bool = False) -> np.ndarray:
         """Which of the first :meth:`rung_images` ``(images)`` validation images ``arch`` gets right.
 
         A cached evaluation over at least as many images is reused. Otherwise, with the prefix cache,
-        only the blocks after the anchor's shared prefix run; ``keep`` makes ``arch`` the next anchor
-        (an evaluation over every image).
+        only the blocks after the anchor's shared prefix are recalibrated and run, and a subnet
+        evaluated on fewer images earlier in this step is extended with the next images only (its
+        recalibrated blocks are kept until the anchor changes). ``keep`` makes ``arch`` the next
+        anchor (an evaluation over every image).
         """
         n = self.rung_images(images)
         hit = self._correct.get(arch.hash)
@@ -146,12 +176,23 @@ class AccuracyEvaluator:
         if self.runner is None:
             self(arch)
             return self._correct[arch.hash][:n]
-        self._ensure_anchor()
-        if keep:
-            n = self.n_images
+        if not keep:   # an evaluation that keeps its inputs becomes the anchor: no need to build another first
+            self._ensure_anchor()
         with torch.no_grad():
-            logits = self.runner.logits(arch, math.ceil(n / self.batch_size), keep=keep)
-        right = (logits.argmax(dim=-1) == self._labels[:n]).numpy()
+            if keep:
+                n = self.n_images
+                logits = self.runner.logits(arch, keep=True)
+                first = 0
+            else:
+                prepared = self._prepared.pop(arch.hash, None)
+                first = len(hit) // self.batch_size if prepared is not None and hit is not None else 0
+                prepared = prepared or self.runner.prepare(arch)
+                logits = self.runner.run(prepared, first, math.ceil(n / self.batch_size))
+                self._prepared[arch.hash] = prepared
+                while len(self._prepared) > 1 and sum(p.nbytes for p in self._prepared.values()) > self._prepared_bytes:
+                    self._prepared.pop(next(iter(self._prepared)))
+        new = (logits.argmax(dim=-1) == self._labels[first * self.batch_size:n]).numpy()
+        right = np.concatenate([hit[:first * self.batch_size], new]) if first else new
         self._record(arch, right)
         return right
 
@@ -161,6 +202,8 @@ class AccuracyEvaluator:
 
     def set_anchor(self, arch: ArchConfig) -> None:
         """Reuse ``arch``'s block inputs in later evaluations (its activations are computed when first needed)."""
+        if arch != self._anchor:
+            self._prepared.clear()
         self._anchor = arch
 
     def _ensure_anchor(self) -> None:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from search_spaces import ArchConfig, BlockSpec
     from supernet.elastic import Supernet
 
-__all__ = ["PrefixCachedRunner"]
+__all__ = ["PrefixCachedRunner", "Prepared"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +37,36 @@ Unit = tuple[str, "BlockSpec"]
 class _Boundary:
     """The inputs of one block of the anchor: one tensor per calibration batch and per validation batch."""
 
-    calib: list[torch.Tensor]
-    val: list[torch.Tensor]
+    calib: Sequence[torch.Tensor]
+    val: Sequence[torch.Tensor]
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.calib, *self.val))
+
+
+@dataclass
+class Prepared:
+    """A subnet's blocks from ``start`` on, recalibrated, with the inputs of block ``start`` (see :meth:`PrefixCachedRunner.prepare`).
+
+    It stays valid when the anchor changes: it keeps its own reference to those inputs.
+    """
+
+    arch: ArchConfig
+    start: int
+    mods: list[nn.Module]
+    base: _Boundary
+    macs: int = 0   # per image, of the blocks from start on
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for m in self.mods for p in m.parameters())
+
+
+def _macs(units: Sequence[Unit]) -> int:
+    from search_spaces import block_macs
+
+    return sum(block_macs(spec) for _, spec in units)
 
 
 def _bns(modules: Sequence[nn.Module]) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -56,19 +80,22 @@ class PrefixCachedRunner:
         net: the supernet.
         calib: BN calibration batches ``(B, C, H, W)`` (as :func:`supernet.bn.recalibrate_bn` uses them).
         val: validation image batches ``(B, C, H, W)``, in order.
+        val_images: the number of images in ``val``.
         cache_bytes: most bytes of kept block inputs.
         channels_last: run blocks in ``torch.channels_last`` memory format.
     """
 
     def __init__(self, net: Supernet, calib: Sequence[torch.Tensor], val: Sequence[torch.Tensor], *,
-                 cache_bytes: int = 1 << 30, channels_last: bool = True) -> None:
-        self.net, self.calib, self.val = net, list(calib), list(val)
+                 val_images: int, cache_bytes: int = 1 << 30, channels_last: bool = True) -> None:
+        self.net, self.calib, self.val, self.val_images = net, calib, val, val_images
         self.cache_bytes, self.channels_last = cache_bytes, channels_last
         self._anchor: list[Unit] | None = None
         self._anchor_arch: ArchConfig | None = None
         self._kept: dict[int, _Boundary] = {0: _Boundary(self.calib, self.val)}
         self.blocks_run = 0          # blocks recalibrated and run, over all calls (work done)
         self.blocks_total = 0        # blocks a full recalibration and evaluation would have run
+        self.macs_run = 0            # multiply-accumulates run: per image, per block, over all calls
+        self._n_calib = sum(len(t) for t in calib)
 
     # ------------------------------------------------------------------ structure
     def units(self, arch: ArchConfig) -> list[Unit]:
@@ -105,37 +132,65 @@ class PrefixCachedRunner:
         return mods
 
     @torch.no_grad()
+    def prepare(self, arch: ArchConfig) -> Prepared:
+        """``arch``'s blocks after the anchor's shared prefix, exported and recalibrated, ready to evaluate."""
+        units = self.units(arch)
+        start = self._start(units)
+        base = self._kept[start]
+        mods = self._modules(units[start:])
+        self._recalibrate(mods, base.calib, start, {})
+        for mod in mods:
+            mod.eval()
+        self.blocks_run += len(mods)
+        self.blocks_total += len(units)
+        prepared = Prepared(arch, start, mods, base, _macs(units[start:]))
+        self.macs_run += prepared.macs * self._n_calib
+        return prepared
+
+    @torch.no_grad()
+    def run(self, prepared: Prepared, first: int, stop: int) -> torch.Tensor:
+        """Logits ``(N, classes)`` of a prepared subnet on validation batches ``first`` to ``stop - 1``."""
+        out = []
+        for x in prepared.base.val[first:stop]:
+            for mod in prepared.mods:
+                x = mod(x)
+            out.append(x)
+            self.macs_run += prepared.macs * len(x)
+        return torch.cat(out) if out else torch.empty(0)
+
+    @torch.no_grad()
     def logits(self, arch: ArchConfig, n_batches: int | None = None, *, keep: bool = False) -> torch.Tensor:
         """Logits ``(N, classes)`` of ``arch`` on the first ``n_batches`` validation batches (default all).
 
         With ``keep``, ``arch`` becomes the anchor and the inputs of its blocks are kept (all batches).
         """
+        if not keep:
+            return self.run(self.prepare(arch), 0, len(self.val) if n_batches is None else n_batches)
         units = self.units(arch)
-        n_batches = len(self.val) if n_batches is None or keep else min(n_batches, len(self.val))
         start = self._start(units)
         base = self._kept[start]
         mods = self._modules(units[start:])
-        keep_at = self._plan(units, start) if keep else set()
-        new: dict[int, _Boundary] = {k: _Boundary([], []) for k in keep_at}
+        new: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {k: ([], []) for k in self._plan(units, start)}
         self._recalibrate(mods, base.calib, start, new)
         for mod in mods:
             mod.eval()
         out = []
-        for x in base.val[:n_batches]:
+        for x in base.val:
             for j, mod in enumerate(mods):
                 if start + j in new:
-                    new[start + j].val.append(x)
+                    new[start + j][1].append(x)
                 x = mod(x)
             out.append(x)
         self.blocks_run += len(mods)
         self.blocks_total += len(units)
-        if keep:
-            self._kept = {k: b for k, b in self._kept.items() if k <= start} | new
-            self._anchor, self._anchor_arch = list(units), arch
+        self.macs_run += _macs(units[start:]) * (self._n_calib + self.val_images)
+        self._kept = {k: b for k, b in self._kept.items() if k <= start}
+        self._kept.update({k: _Boundary(c, v) for k, (c, v) in new.items()})
+        self._anchor, self._anchor_arch = list(units), arch
         return torch.cat(out) if out else torch.empty(0)
 
     def _recalibrate(self, mods: Sequence[nn.Module], calib: Sequence[torch.Tensor], start: int,
-                     new: dict[int, _Boundary]) -> None:
+                     new: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]) -> None:
         """Re-estimate the BN statistics of ``mods`` on ``calib`` (cumulative average), keeping inputs in ``new``."""
         bns = _bns(mods)
         for bn in bns:
@@ -146,7 +201,7 @@ class PrefixCachedRunner:
         for x in calib:
             for j, mod in enumerate(mods):
                 if start + j in new:
-                    new[start + j].calib.append(x)
+                    new[start + j][0].append(x)
                 x = mod(x)
 
     def _plan(self, units: Sequence[Unit], start: int) -> set[int]:
@@ -179,6 +234,10 @@ class PrefixCachedRunner:
     @property
     def anchor(self) -> ArchConfig | None:
         return self._anchor_arch
+
+    def full_macs(self, arch: ArchConfig) -> int:
+        """Multiply-accumulates of one full recalibration and evaluation of ``arch`` (every block, every image)."""
+        return _macs(self.units(arch)) * (self._n_calib + self.val_images)
 
     def kept_bytes(self) -> int:
         """Bytes of kept block inputs (the input batches themselves not counted)."""

@@ -85,6 +85,11 @@ def test_partial_evaluations_are_leading_whole_batches(setup) -> None:
     assert np.array_equal(part, plain.correct(arch, 150)[:64])
     assert fast.cached(arch) is None, "a partial evaluation is not an accuracy on every image"
     assert np.array_equal(fast.correct(arch, 32), part[:32]) and fast.evaluated == 2   # served from the first
+    # a later rung extends the recalibrated subnet with the next images only: same figures as from scratch
+    blocks = fast.runner.blocks_run
+    assert np.array_equal(fast.correct(arch, 150), plain.correct(arch, 150))
+    assert fast.runner.blocks_run == blocks, "the extension recalibrated the subnet again"
+    assert fast.cached(arch) == plain(arch)
 
 
 def test_cache_file_keeps_partial_rows_apart(setup, tmp_path: Path) -> None:

@@ -86,5 +86,8 @@ def exhaustive_slim(scorer: Scorer, settings: SearchSettings, *, progress: Progr
         path.append({"step": step, "action": name, **current.row()})
         (progress or logger.info)(step_message(step, name, current, scorer.primary))
     cands = list(scorer.seen.values())
+    largest = scorer.seen[space.largest().hash].macs
+    # the work of the evaluations, in full recalibrations and evaluations of the largest subnet
+    work = sum(c.macs for c in cands) / largest if largest else None
     return SearchOutcome(cands, best_feasible(cands, scorer.primary), path, time.perf_counter() - t0,
-                         stats={"mode": "exhaustive"})
+                         stats={"mode": "exhaustive", "largest_full_evaluations": work})

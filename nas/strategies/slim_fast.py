@@ -93,6 +93,7 @@ class _FastSlim:
         self.held_out: list[tuple[int, float, float]] = []       # (step, predicted, real) on n0 images
         self.real_actions = 0
         self.all_actions = 0
+        self.warmup = 16   # evaluated subnets before the predictor ranks actions
 
     # ------------------------------------------------------------------ evaluations
     def _features(self, c: Candidate) -> np.ndarray:
@@ -131,9 +132,13 @@ class _FastSlim:
         return out
 
     def _select(self, cur: Candidate, trials: list[_Trial], step: int) -> list[_Trial]:
-        """The trials that get a real evaluation: all of them until the predictor has data, then the best ranked."""
-        if step == 1 or len(self.train) < 8 or len(trials) <= self.settings.top_k:
+        """The trials that get a real evaluation: a random warm-up sample until the predictor has data, then
+        the ``top_k`` best ranked by predicted drop per MES gain and ``explore`` random others."""
+        k = self.settings.top_k + self.settings.explore
+        if len(trials) <= k:
             return trials
+        if len(self.train) < self.warmup:
+            return self.rng.sample(trials, min(len(trials), max(2 * k, self.warmup)))
         x = np.stack([f for f, _ in self.train.values()])
         y = np.array([a for _, a in self.train.values()])
         model = RidgePredictor.fit_loo(x, y)
@@ -141,7 +146,7 @@ class _FastSlim:
         base = float(model.predict(self._features(cur)))
         for t, p in zip(trials, pred):
             t.predicted_acc, t.predicted_ratio = float(p), (base - float(p)) / t.gain
-        ranked = sorted(trials, key=lambda t: t.predicted_ratio)
+        ranked = sorted(trials, key=lambda t: (t.predicted_ratio, -t.gain))
         top, rest = ranked[:self.settings.top_k], ranked[self.settings.top_k:]
         return top + self.rng.sample(rest, min(self.settings.explore, len(rest)))
 
@@ -153,7 +158,7 @@ class _FastSlim:
             for t in survivors:
                 self._on(t, n, keep=last and len(survivors) == 1)
             base = self._cur_acc(cur, n)
-            survivors.sort(key=lambda t: t.ratio(base, n))
+            survivors.sort(key=lambda t: (t.ratio(base, n), -t.gain))   # equal ratios: the larger MES gain
             if last:
                 break
             survivors = survivors[:max(1, math.ceil(len(survivors) / 2))]
@@ -170,7 +175,7 @@ class _FastSlim:
         if _max_violation(winner.est) <= self.settings.far:
             return picked
         base = self._cur_acc(cur, self.n0)
-        for t in sorted(chosen, key=lambda t: t.ratio(base, self.n0)):
+        for t in sorted(chosen, key=lambda t: (t.ratio(base, self.n0), -t.gain)):
             if len(picked) >= self.settings.max_combine:
                 break
             if t is winner or any(t.action.conflicts(p.action) for p in picked):
@@ -182,12 +187,14 @@ class _FastSlim:
         return picked
 
     def step(self, cur: Candidate, step: int) -> tuple[str, Candidate] | None:
+        t0 = time.perf_counter()
         trials = self._trials(cur)
         if not trials:
             return None
         chosen = self._select(cur, trials, step)
         self.all_actions += len(trials)
         self.real_actions += len(chosen)
+        t1 = time.perf_counter()
         winner = self._halving(cur, chosen, step)
         picked = self._combine(cur, winner, chosen)
         if len(picked) == 1:
@@ -195,6 +202,8 @@ class _FastSlim:
         else:
             new = self.full(self.space.combine(cur.arch, [t.action for t in picked]), keep=True)
         self.ev.set_anchor(new.arch)
+        logger.debug("slim step %d: %d actions, %d evaluated, %d applied; ranking %.2f s, evaluations %.2f s",
+                     step, len(trials), len(chosen), len(picked), t1 - t0, time.perf_counter() - t1)
         return " + ".join(t.action.name for t in picked), new
 
     # ------------------------------------------------------------------ the path
@@ -238,6 +247,9 @@ class _FastSlim:
             "predictor_spearman_within_step": float(np.mean(within)) if within else None,
             "block_work_fraction": (runner.blocks_run / runner.blocks_total
                                     if runner is not None and runner.blocks_total else None),
+            # the work of the evaluations, in full recalibrations and evaluations of the largest subnet
+            "largest_full_evaluations": (runner.macs_run / runner.full_macs(self.space.largest())
+                                         if runner is not None else None),
         }
 
 
