@@ -170,7 +170,8 @@ class PrefixCachedRunner:
         start = self._start(units)
         base = self._kept[start]
         mods = self._modules(units[start:])
-        new: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {k: ([], []) for k in self._plan(units, start)}
+        new: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {k: ([], [])
+                                                                          for k in self._plan(mods, start, base)}
         self._recalibrate(mods, base.calib, start, new)
         for mod in mods:
             mod.eval()
@@ -204,31 +205,24 @@ class PrefixCachedRunner:
                     new[start + j][0].append(x)
                 x = mod(x)
 
-    def _plan(self, units: Sequence[Unit], start: int) -> set[int]:
-        """Boundaries after ``start`` to keep for a new anchor: from the head backwards, within the byte limit.
-
-        Kept boundaries at or before ``start`` stay (they are the new anchor's too).
+    @torch.no_grad()
+    def _plan(self, mods: Sequence[nn.Module], start: int, base: _Boundary) -> set[int]:
+        """Boundaries after ``start`` to keep for a new anchor whose blocks from ``start`` on are ``mods``:
+        from the head backwards, within the byte limit. Kept boundaries at or before ``start`` stay
+        (they are the new anchor's too). Sizes come from one image run through ``mods``.
         """
-        sizes = self._boundary_bytes(units)
+        images = self._n_calib + self.val_images
         budget = self.cache_bytes - sum(b.nbytes for k, b in self._kept.items() if 0 < k <= start)
+        x, sizes = base.val[0][:1], {}
+        for j, mod in enumerate(mods[:-1]):
+            x = mod.eval()(x)
+            sizes[start + j + 1] = x[0].numel() * x.element_size() * images
         keep = set()
-        for k in range(len(units) - 1, start, -1):
+        for k in sorted(sizes, reverse=True):
             if sizes[k] <= budget:
                 keep.add(k)
                 budget -= sizes[k]
         return keep
-
-    def _boundary_bytes(self, units: Sequence[Unit]) -> list[int]:
-        """Bytes of the inputs of each block over every calibration and validation image (from one image)."""
-        images = sum(len(t) for t in self.calib) + sum(len(t) for t in self.val)
-        x = self.val[0][:1]
-        sizes = []
-        mods = self._modules(units)
-        for mod in mods:
-            mod.eval()
-            sizes.append(x[0].numel() * x.element_size() * images)
-            x = mod(x)
-        return sizes
 
     # ------------------------------------------------------------------ anchor
     @property
