@@ -17,7 +17,7 @@ from search_spaces.fileio import atomic_write_text
 
 from ._cli import NasArgumentParser, announce, int_at_least, run_cli
 from .objectives import MesWeights
-from .search import SearchSettings
+from .search import SearchSettings, strategy_names
 from .search_run import NoFeasibleSubnet, SearchRunConfig, run_search
 
 EPILOG = """examples:
@@ -42,21 +42,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supernet", help="supernet run folder (default: the latest one under this folder)")
     p.add_argument("--lut", action="append", default=[], help="LUT file, repeatable (default: lut-DEVICE-RES.json here)")
     p.add_argument("--out", help="output folder (default: runs/search, and subnet.json is also copied here)")
-    p.add_argument("--strategy", default=d.strategy, help="slim (EfficientFormerV2 joint slimming) or nsga2")
+    p.add_argument("--strategy", default=d.strategy,
+                   help=f"one of {', '.join(strategy_names())}: slim is EfficientFormerV2's joint slimming, "
+                        f"nsga2 optuna's NSGA-II")
     p.add_argument("--seed", type=int_at_least(0), default=d.seed)
     p.add_argument("--val-images", type=int_at_least(1), default=2000, help="validation images per accuracy estimate")
     p.add_argument("--calib-batches", type=int_at_least(1), default=4,
                    help="BN recalibration batches of 128 training images per candidate (default 4)")
     p.add_argument("--threads", type=int_at_least(1), help="torch threads for accuracy evaluation (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no per-step progress lines")
-    g = p.add_argument_group("slim")
-    g.add_argument("--max-actions", type=int_at_least(0), default=d.max_actions, help="evaluate at most N random actions per step (0: all)")
+    g = p.add_argument_group("slim", "fast by default: an accuracy predictor ranks each step's actions, the best "
+                                     "get real evaluations with successive halving of images, several actions per "
+                                     "step while far from the budgets, and only the blocks after a shared prefix "
+                                     "are recalibrated and run; every figure on the path is a real evaluation")
     g.add_argument("--extra-steps", type=int_at_least(0), default=d.extra_steps, help="steps to continue after all budgets are met")
+    g.add_argument("--exhaustive", action="store_true",
+                   help="evaluate every action of every step on every image (the original, slow algorithm)")
+    g.add_argument("--max-actions", type=int_at_least(0), default=d.max_actions,
+                   help="with --exhaustive: evaluate at most N random actions per step (0: all)")
+    g.add_argument("--top-k", type=int_at_least(1), default=d.top_k,
+                   help=f"actions per step, best ranked by the predictor, that get a real evaluation (default {d.top_k})")
+    g.add_argument("--explore", type=int_at_least(0), default=d.explore,
+                   help=f"further random actions per step that get a real evaluation (default {d.explore})")
+    g.add_argument("--rung-images", type=int_at_least(1), default=d.rung_images,
+                   help=f"validation images of the first halving rung (default {d.rung_images})")
+    g.add_argument("--max-combine", type=int_at_least(1), default=d.max_combine,
+                   help=f"most actions applied together per step while far from the budgets (default {d.max_combine}; 1: one)")
+    g.add_argument("--far", type=float, default=d.far,
+                   help=f"far from the budgets = more than this fraction over the most violated one (default {d.far})")
+    g.add_argument("--prefix-cache-mb", type=int_at_least(0), default=d.prefix_cache_mb,
+                   help=f"memory for the current subnet's block inputs (default {d.prefix_cache_mb})")
     g = p.add_argument_group("nsga2")
     g.add_argument("--n-trials", type=int_at_least(1), default=d.n_trials, help="trials in total (a rerun resumes the study)")
     g.add_argument("--population-size", type=int_at_least(2), default=d.population_size)
     g.add_argument("--storage", help="optuna storage URL (default: sqlite in --out); share it between workers")
     g.add_argument("--study-name", default=d.study_name)
+    g.add_argument("--surrogate", action="store_true",
+                   help="score trials that the accuracy predictor says cannot win with the predictor instead "
+                        "of a real evaluation (default: every trial is evaluated for real)")
     g = p.add_argument_group("MES = score * (latency / U_latency)^-a_latency * (params / U_params)^-a_params")
     g.add_argument("--mes-u-latency", type=float, default=m.u_latency_ms, help="U_latency in ms")
     g.add_argument("--mes-u-params", type=float, default=m.u_params, help="U_params")
@@ -73,8 +96,10 @@ def _body(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     settings = SearchSettings(strategy=args.strategy, seed=args.seed, max_actions=args.max_actions,
-                              extra_steps=args.extra_steps, n_trials=args.n_trials,
-                              population_size=args.population_size, storage=args.storage,
+                              extra_steps=args.extra_steps, exhaustive=args.exhaustive, top_k=args.top_k,
+                              explore=args.explore, rung_images=args.rung_images, max_combine=args.max_combine,
+                              far=args.far, prefix_cache_mb=args.prefix_cache_mb, surrogate=args.surrogate,
+                              n_trials=args.n_trials, population_size=args.population_size, storage=args.storage,
                               study_name=args.study_name)
     weights = MesWeights(u_latency_ms=args.mes_u_latency, u_params=args.mes_u_params,
                          a_latency=args.mes_a_latency, a_params=args.mes_a_params)
@@ -100,6 +125,10 @@ def _body(args: argparse.Namespace) -> int:
     o = result.outcome
     print(f"search: {o.seconds:.1f} s, {len(o.candidates)} candidates ({o.evaluated} newly evaluated), "
           f"{60 * len(o.candidates) / max(o.seconds, 1e-9):.1f} candidates/min")
+    if o.stats.get("predictor_spearman") is not None:
+        print(f"  accuracy predictor: Spearman {o.stats['predictor_spearman']:.3f} on "
+              f"{o.stats['predictor_held_out']} evaluated subnets it had not been trained on; "
+              f"{o.stats['actions_evaluated']} of {o.stats['actions_considered']} actions evaluated")
     print(f"files: {', '.join(str(p) for p in result.files.values())}")
     if not args.out:
         atomic_write_text(Path("subnet.json"), result.files["subnet.json"].read_text())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from search_spaces.errors import NasUserError
 from search_spaces.units import parse_count, parse_latency_ms
@@ -91,8 +91,5 @@ class Budgets:
             out["macs"] = macs / self.max_macs - 1.0
         return out
 
-    def feasible(self, *, latency_ms: Mapping[str, float], params: int, macs: int) -> bool:
-        return all(v <= 0 for v in self.violations(latency_ms=latency_ms, params=params, macs=macs).values())
-
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, dict[str, float] | int | None]:
         return {"latency_ms": dict(self.latency_ms), "max_params": self.max_params, "max_macs": self.max_macs}

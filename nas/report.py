@@ -1,38 +1,58 @@
-"""Search reports: ``pareto.csv``, ``pareto.png``, an interactive ``pareto.html`` and a console table."""
+"""Search reports: ``pareto.csv``, ``path.csv``, ``pareto.png``, an interactive ``pareto.html`` and a console table.
+
+Tables go through pandas; the interactive page is drawn with plotly (the library behind
+``optuna.visualization``) as one self-contained file that works offline: plotly.js is inlined.
+"""
 from __future__ import annotations
 
-import csv
 import html
 import io
-import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from search_spaces.fileio import atomic_write_bytes, atomic_write_text
 
 from .search import Candidate, pareto_front
 
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
 __all__ = ["write_csv", "write_pareto_csv", "plot_pareto_png", "write_pareto_html", "summary_table"]
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
+def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
+    """Rows as CSV (columns in first-seen order; a missing value is an empty field), written atomically."""
+    import pandas as pd
+
+    if not rows:
+        return atomic_write_text(path, "")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return atomic_write_text(path, pd.DataFrame(list(rows), columns=columns, dtype=object).to_csv(index=False, lineterminator="\r\n"))
+
+
+def _frame(cands: Sequence[Candidate], primary: str, best: Candidate | None = None) -> pd.DataFrame:
+    """One row per candidate (:meth:`Candidate.row`), plus ``pareto`` and ``chosen``, sorted by primary latency."""
+    import pandas as pd
+
+    front = {c.arch.hash for c in pareto_front(cands, primary)}
+    chosen = best.arch.hash if best is not None else None
+    rows = [{**c.row(), "pareto": c.arch.hash in front, "chosen": c.arch.hash == chosen}
+            for c in sorted(cands, key=lambda c: c.latency_ms[primary])]
+    return pd.DataFrame(rows)
 
 
 def write_pareto_csv(path: Path, cands: Sequence[Candidate], primary: str) -> Path:
     """Every evaluated candidate, with a ``pareto`` column, sorted by primary-device latency."""
-    front = {c.arch.hash for c in pareto_front(cands, primary)}
-    rows = [{**c.row(), "pareto": c.arch.hash in front} for c in sorted(cands, key=lambda c: c.latency_ms[primary])]
-    return write_csv(path, rows)
+    if not cands:
+        return atomic_write_text(path, "")
+    frame = _frame(cands, primary).drop(columns=["chosen"])
+    return atomic_write_text(path, frame.to_csv(index=False, lineterminator="\r\n"))
 
 
 def plot_pareto_png(path: Path, cands: Sequence[Candidate], primary: str, *, budget_ms: float | None,
                     source: str, best: Candidate | None) -> Path:
+    """A static accuracy-vs-latency plot (feasible, infeasible, the Pareto front, the budget, the chosen subnet)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,48 +84,57 @@ def plot_pareto_png(path: Path, cands: Sequence[Candidate], primary: str, *, bud
     return atomic_write_bytes(path, buf.getvalue())
 
 
-_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>nas-search: Pareto front</title>
-<style>body{font-family:sans-serif;margin:20px}#tip{position:absolute;background:#fff;border:1px solid #999;
-padding:4px 6px;font-size:12px;pointer-events:none;display:none;max-width:520px}text{font-size:11px}</style></head>
-<body><h3>Candidates: validation accuracy vs __DEVICE__ latency (__SOURCE__)</h3>
-<p>__BUDGETS__. Hover a point for its architecture; click to copy it.</p>
-<svg id="plot" width="820" height="480"></svg><div id="tip"></div>
-<script>
-const data = __DATA__; const budget = __BUDGET__; const W = 820, H = 480, L = 60, R = 20, T = 20, B = 45;
-const svg = document.getElementById('plot'), tip = document.getElementById('tip'), ns = 'http://www.w3.org/2000/svg';
-const xs = data.map(d => d.lat).concat(budget === null ? [] : [budget]), ys = data.map(d => d.acc);
-const x0 = Math.min(...xs) * 0.95, x1 = Math.max(...xs) * 1.05, y0 = Math.min(...ys) - 0.5, y1 = Math.max(...ys) + 0.5;
-const sx = v => L + (v - x0) / (x1 - x0) * (W - L - R), sy = v => H - B - (v - y0) / (y1 - y0) * (H - T - B);
-function el(tag, attrs, text) { const e = document.createElementNS(ns, tag);
-  for (const k in attrs) e.setAttribute(k, attrs[k]); if (text !== undefined) e.textContent = text; svg.appendChild(e); return e; }
-el('line', {x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: '#333'}); el('line', {x1: L, y1: T, x2: L, y2: H - B, stroke: '#333'});
-for (let i = 0; i <= 5; i++) { const xv = x0 + i * (x1 - x0) / 5, yv = y0 + i * (y1 - y0) / 5;
-  el('text', {x: sx(xv) - 12, y: H - B + 16}, xv.toFixed(2)); el('text', {x: 8, y: sy(yv) + 4}, yv.toFixed(1)); }
-el('text', {x: W / 2 - 60, y: H - 8}, 'latency, ms'); el('text', {x: 8, y: 12}, 'accuracy, %');
-if (budget !== null) el('line', {x1: sx(budget), y1: T, x2: sx(budget), y2: H - B, stroke: '#d62728', 'stroke-dasharray': '5,4'});
-const front = data.filter(d => d.pareto).sort((a, b) => a.lat - b.lat);
-if (front.length) el('polyline', {points: front.map(d => sx(d.lat) + ',' + sy(d.acc)).join(' '), fill: 'none', stroke: '#ff7f0e'});
-for (const d of data) { const c = el('circle', {cx: sx(d.lat), cy: sy(d.acc), r: d.best ? 7 : 4,
-    fill: d.best ? '#d62728' : (d.feasible ? '#1f77b4' : '#bbbbbb'), opacity: 0.85});
-  c.addEventListener('mousemove', e => { tip.style.display = 'block'; tip.style.left = (e.pageX + 12) + 'px';
-    tip.style.top = (e.pageY + 12) + 'px'; tip.innerHTML = '<b>' + d.acc.toFixed(2) + '% / ' + d.lat.toFixed(3) +
-    ' ms / ' + (d.params / 1e6).toFixed(3) + 'M params</b>' + (d.feasible ? ' (feasible)' : '') + '<br>' + d.arch; });
-  c.addEventListener('mouseleave', () => { tip.style.display = 'none'; });
-  c.addEventListener('click', () => navigator.clipboard && navigator.clipboard.writeText(d.arch)); }
-</script></body></html>
-"""
+def _pareto_figure(cands: Sequence[Candidate], primary: str, *, budget_ms: float | None, budgets_text: str,
+                   source: str, best: Candidate | None) -> go.Figure:
+    import plotly.graph_objects as go
+
+    frame = _frame(cands, primary, best)
+    lat, hover = f"latency_ms[{primary}]", ("accuracy %{y:.2f}%<br>" + primary + " %{x:.3f} ms<br>"
+                                             "%{customdata[0]:,} params<br>%{customdata[1]}<extra></extra>")
+    fig = go.Figure()
+    groups = (("infeasible", ~frame["feasible"], "#bbbbbb", 7, "circle"),
+              ("feasible", frame["feasible"] & ~frame["chosen"], "#1f77b4", 7, "circle"),
+              ("chosen", frame["chosen"], "#d62728", 16, "star"))
+    for label, mask, color, size, symbol in groups:
+        part = frame[mask]
+        if len(part):
+            # plain lists, not arrays: plotly would store arrays as base64, and the page should show its data
+            fig.add_trace(go.Scatter(x=part[lat].tolist(), y=(100 * part["accuracy"]).tolist(), mode="markers",
+                                     name=label, marker={"color": color, "size": size, "symbol": symbol},
+                                     customdata=part[["params", "arch"]].values.tolist(), hovertemplate=hover))
+    front = frame[frame["pareto"]]
+    if len(front):
+        fig.add_trace(go.Scatter(x=front[lat].tolist(), y=(100 * front["accuracy"]).tolist(), mode="lines",
+                                 name="Pareto front",
+                                 line={"color": "#ff7f0e", "width": 1.5}, hoverinfo="skip"))
+    if budget_ms is not None:
+        fig.add_vline(x=budget_ms, line={"color": "#d62728", "dash": "dash", "width": 1.5},
+                      annotation_text=f"budget {budget_ms:g} ms", annotation_position="top left")
+    fig.update_layout(xaxis_title=f"{primary} latency, ms ({source})", yaxis_title="validation accuracy, % (proxy)",
+                      template="plotly_white", hovermode="closest", width=900, height=560)
+    return fig
 
 
 def write_pareto_html(path: Path, cands: Sequence[Candidate], primary: str, *, budget_ms: float | None,
                       budgets_text: str, source: str, best: Candidate | None) -> Path:
-    front = {c.arch.hash for c in pareto_front(cands, primary)}
-    data = [{"lat": c.latency_ms[primary], "acc": 100 * c.accuracy, "params": c.params, "feasible": c.feasible,
-             "pareto": c.arch.hash in front, "best": best is not None and c.arch.hash == best.arch.hash,
-             "arch": html.escape(c.arch.to_string())} for c in cands]
-    page = (_HTML.replace("__DATA__", json.dumps(data)).replace("__BUDGET__", json.dumps(budget_ms))
-            .replace("__DEVICE__", html.escape(primary)).replace("__SOURCE__", html.escape(source))
-            .replace("__BUDGETS__", html.escape(budgets_text)))
+    """An interactive accuracy-vs-latency page: one self-contained, offline HTML file (plotly.js inlined).
+
+    Hovering a point shows its accuracy, latency, parameters and architecture; the budget is a
+    dashed line and the chosen subnet a star.
+    """
+    if not cands:
+        return atomic_write_text(path, f"<!doctype html><html><body><p>No candidates ({html.escape(budgets_text)})."
+                                       f"</p></body></html>\n")
+    fig = _pareto_figure(cands, primary, budget_ms=budget_ms, budgets_text=budgets_text, source=source, best=best)
+    plot = fig.to_html(full_html=False, include_plotlyjs=True, config={"displaylogo": False})
+    chosen = ("no candidate meets every budget" if best is None else
+              f"chosen: {100 * best.accuracy:.2f}% / {best.latency_ms[primary]:.3f} ms / {best.params:,} params "
+              f"<code>{html.escape(best.arch.to_string())}</code>")
+    page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>nas-search: Pareto front</title></head>\n"
+            f"<body style=\"font-family:sans-serif;margin:20px\">\n"
+            f"<h3>Candidates: validation accuracy vs {html.escape(primary)} latency ({html.escape(source)})</h3>\n"
+            f"<p>{len(cands)} candidates; budgets: {html.escape(budgets_text)}. Hover a point for its figures and "
+            f"architecture.</p>\n<p>{chosen}</p>\n{plot}\n</body></html>\n")
     return atomic_write_text(path, page)
 
 

@@ -1,4 +1,8 @@
-"""``run_search``: the one entry point of a search, from working-folder defaults to written results."""
+"""``run_search``: the one entry point of a search, from working-folder defaults to written results.
+
+It runs in three pieces: resolve the inputs (supernet run, devices, budgets, LUTs), run the
+strategy found by name in the registry (:func:`nas.search.get_strategy`), and write the reports.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,14 +10,20 @@ import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from search_spaces.errors import NasUserError
 from search_spaces.fileio import atomic_write_json
 from search_spaces.subnet_file import SubnetFile
 
 from .objectives import Budgets, MesWeights
-from .search import Candidate, LatencyModel, Scorer, SearchOutcome, SearchSettings, nsga2_search, slim_search
+from .search import Candidate, LatencyModel, Scorer, SearchOutcome, SearchSettings, get_strategy
+
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
+
+    from supernet.elastic import Supernet
+    from supernet.run import SupernetRun
 
 __all__ = ["SearchRunConfig", "SearchResult", "NoFeasibleSubnet", "run_search", "find_luts", "load_latency_models"]
 
@@ -49,11 +59,23 @@ class SearchRunConfig:
 
 @dataclass
 class SearchResult:
+    """What :func:`run_search` wrote: the chosen candidate, its ``subnet.json`` and every file by name."""
+
     out: Path
     best: Candidate
     subnet: SubnetFile
     outcome: SearchOutcome
     files: dict[str, Path]
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything a search needs, resolved and checked before anything is written."""
+
+    run: SupernetRun
+    budgets: Budgets
+    models: dict[str, LatencyModel]
+    primary: str
 
 
 def _sha256(path: Path) -> str:
@@ -68,7 +90,7 @@ def find_luts(folder: Path, resolution: int) -> dict[str, Path]:
     return out
 
 
-def load_latency_models(devices: list[str], explicit: dict[str, Path], run: Any) -> dict[str, LatencyModel]:
+def load_latency_models(devices: list[str], explicit: dict[str, Path], run: SupernetRun) -> dict[str, LatencyModel]:
     """One :class:`LatencyModel` per device from its LUT, refusing LUTs of another device, resolution or space."""
     from latency import LatencyTable, predict_latency
     from latency.lut import default_lut_path
@@ -89,6 +111,46 @@ def load_latency_models(devices: list[str], explicit: dict[str, Path], run: Any)
     return models
 
 
+def _default_device(cfg: SearchRunConfig, run: SupernetRun, explicit: dict[str, Path],
+                    say: Callable[[str], None]) -> str | None:
+    """``--device``, else (when a bare ``--latency`` or none is given) the device of the newest LUT here."""
+    if cfg.device is not None:
+        return cfg.device
+    bare = [v for v in cfg.latency if "=" not in v]
+    if not bare and cfg.latency:
+        return None
+    found = {**find_luts(Path("."), run.resolution), **explicit}
+    if not found:
+        raise NasUserError(f"no latency LUT for resolution {run.resolution} in this folder; "
+                           f"run: nas-build-lut --device DEVICE (e.g. iphone12 or local-cpu)")
+    # several LUTs: the one built last is the one the user just asked for
+    device = max(found, key=lambda d: (found[d].stat().st_mtime_ns, d))
+    others = sorted(set(found) - {device})
+    say(f"nas-search: using device {device!r} from {found[device]}"
+        + (f" (the newest LUT; also here: {', '.join(others)})" if others else "")
+        + " (set --device to choose)")
+    return device
+
+
+def _resolve(cfg: SearchRunConfig, say: Callable[[str], None]) -> _Inputs:
+    """The supernet run, budgets and latency models of ``cfg``, from the working folder's defaults."""
+    from latency import LatencyTable
+    from supernet.run import find_latest_run, load_run
+
+    if cfg.supernet is None:
+        run_dir = find_latest_run(".")
+        say(f"nas-search: using the latest supernet run {run_dir} (set --supernet to choose)")
+    else:
+        run_dir = Path(cfg.supernet)
+    run = load_run(run_dir)
+    explicit = {LatencyTable.load(Path(item)).device: Path(item) for item in cfg.luts}
+    default_device = _default_device(cfg, run, explicit, say)
+    budgets = Budgets.parse(cfg.latency, default_device=default_device, max_params=cfg.max_params,
+                            max_macs=cfg.max_macs)
+    devices = list(dict.fromkeys([*([default_device] if default_device else []), *budgets.latency_ms]))
+    return _Inputs(run, budgets, load_latency_models(devices, explicit, run), devices[0])
+
+
 def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = None,
                progress: Callable[[str], None] | None = None) -> SearchResult:
     """Find the most accurate subnet within every budget, and write ``subnet.json`` and the reports.
@@ -100,67 +162,48 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
         NasUserError: bad budgets, no supernet run, no or incompatible LUT.
         NoFeasibleSubnet: nothing meets the budgets (the message gives the smallest reachable figures).
     """
-    from supernet.run import find_latest_run, load_run, load_supernet
+    from supernet.run import load_supernet
 
     from .accuracy import AccuracyEvaluator, load_run_splits
-    from .report import plot_pareto_png, summary_table, write_csv, write_pareto_csv, write_pareto_html
-    from ._provenance import environment
 
     say = notify or logger.info
-    if cfg.supernet is None:
-        run_dir = find_latest_run(".")
-        say(f"nas-search: using the latest supernet run {run_dir} (set --supernet to choose)")
-    else:
-        run_dir = Path(cfg.supernet)
-    run = load_run(run_dir)
-
-    explicit: dict[str, Path] = {}
-    for item in cfg.luts:
-        p = Path(item)
-        from latency import LatencyTable
-        explicit[LatencyTable.load(p).device] = p
-    default_device = cfg.device
-    if default_device is None:
-        bare = [v for v in cfg.latency if "=" not in v]
-        if bare or not cfg.latency:
-            found = {**find_luts(Path("."), run.resolution), **explicit}
-            if not found:
-                raise NasUserError(f"no latency LUT for resolution {run.resolution} in this folder; "
-                                   f"run: nas-build-lut --device DEVICE (e.g. iphone12 or local-cpu)")
-            # several LUTs: the one built last is the one the user just asked for
-            default_device = max(found, key=lambda d: (found[d].stat().st_mtime_ns, d))
-            others = sorted(set(found) - {default_device})
-            say(f"nas-search: using device {default_device!r} from {found[default_device]}"
-                + (f" (the newest LUT; also here: {', '.join(others)})" if others else "")
-                + " (set --device to choose)")
-    budgets = Budgets.parse(cfg.latency, default_device=default_device, max_params=cfg.max_params,
-                            max_macs=cfg.max_macs)
-    devices = list(dict.fromkeys([*([default_device] if default_device else []), *budgets.latency_ms]))
-    primary = devices[0]
-    models = load_latency_models(devices, explicit, run)
-
-    net = load_supernet(run)
-    splits = load_run_splits(run)
-    user_storage = _storage(cfg.settings.storage) if cfg.settings.strategy == "nsga2" and cfg.settings.storage else None
+    inputs = _resolve(cfg, say)
+    strategy = get_strategy(cfg.settings.strategy)
+    net = load_supernet(inputs.run)
+    splits = load_run_splits(inputs.run)
+    storage = _storage(cfg.settings.storage) if strategy.uses_study and cfg.settings.storage else None
     out = Path(cfg.out)  # everything the search needs is checked: only now is the output folder made
     out.mkdir(parents=True, exist_ok=True)
+    if strategy.uses_study and storage is None:
+        storage = _storage(f"sqlite:///{(out / 'study.db').resolve()}")
     evaluator = AccuracyEvaluator(net, splits, val_images=cfg.val_images, calib_batches=cfg.calib_batches,
                                   seed=cfg.settings.seed, cache_path=out / "accuracy_cache.jsonl",
-                                  identity=run.weights_sha256)
+                                  identity=inputs.run.weights_sha256,
+                                  prefix_cache_bytes=cfg.settings.prefix_cache_mb << 20)
     if len(evaluator):
         say(f"nas-search: {len(evaluator)} cached accuracies in {out / 'accuracy_cache.jsonl'} will be reused")
-    scorer = Scorer(space=run.space, accuracy=evaluator, latency=models, budgets=budgets, primary_device=primary,
-                    lower=net.lower, weights=cfg.mes)
-    if cfg.settings.strategy == "slim":
-        outcome = slim_search(scorer, cfg.settings, progress=progress)
-    else:
-        storage = user_storage or _storage(f"sqlite:///{(out / 'study.db').resolve()}")
-        outcome = nsga2_search(scorer, cfg.settings, storage=storage, progress=progress)
+    scorer = Scorer(space=inputs.run.space, accuracy=evaluator, latency=inputs.models, budgets=inputs.budgets,
+                    primary_device=inputs.primary, lower=net.lower, weights=cfg.mes)
+    outcome = strategy.run(scorer, cfg.settings, progress=progress, storage=storage)
     outcome.evaluated = evaluator.evaluated
+    outcome.stats.update(evaluated_full=evaluator.evaluated_full, evaluated_images=evaluator.evaluated_images,
+                         validation_images=evaluator.n_images)
+    files = _write_reports(out, cfg, inputs, outcome)
+    if outcome.best is None:
+        raise _no_feasible(scorer, inputs, outcome)
+    sub = _subnet_file(outcome.best, cfg, inputs, net, out)
+    files["subnet.json"] = sub.save(out / "subnet.json")
+    return SearchResult(out, outcome.best, sub, outcome, files)
 
+
+def _write_reports(out: Path, cfg: SearchRunConfig, inputs: _Inputs, outcome: SearchOutcome) -> dict[str, Path]:
+    """``pareto.csv``, ``pareto.png``, ``pareto.html``, ``path.csv`` (slim), ``search.json``; the console table."""
+    from .report import plot_pareto_png, summary_table, write_csv, write_pareto_csv, write_pareto_html
+
+    primary, budgets = inputs.primary, inputs.budgets
     files: dict[str, Path] = {}
     lat_budget = budgets.latency_ms.get(primary)
-    source = models[primary].source
+    source = inputs.models[primary].source
     files["pareto.csv"] = write_pareto_csv(out / "pareto.csv", outcome.candidates, primary)
     files["pareto.png"] = plot_pareto_png(out / "pareto.png", outcome.candidates, primary, budget_ms=lat_budget,
                                           source=source, best=outcome.best)
@@ -173,21 +216,29 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
         "primary_device": primary, "seconds": outcome.seconds, "candidates": len(outcome.candidates),
         "evaluated": outcome.evaluated,
         "candidates_per_minute": 60 * len(outcome.candidates) / max(outcome.seconds, 1e-9),
-        "supernet_run": str(run.path), "feasible": sum(c.feasible for c in outcome.candidates),
+        "supernet_run": str(inputs.run.path), "feasible": sum(c.feasible for c in outcome.candidates),
+        **outcome.stats,
     }
     files["search.json"] = atomic_write_json(out / "search.json", summary)
     print(summary_table(outcome.candidates, primary, best=outcome.best), file=sys.stderr)
+    return files
 
-    if outcome.best is None:
-        smallest = run.space.smallest()
-        params, macs, lat = scorer.cheap(smallest)
-        reach = ", ".join(f"{d} {v:.3f} ms" for d, v in lat.items())
-        raise NoFeasibleSubnet(
-            f"no subnet meets the budgets ({_budgets_text(budgets)}) among {len(outcome.candidates)} candidates; "
-            f"the smallest config of the space reaches {reach}, {params / 1e6:.3f}M params, {macs / 1e6:.1f}M MACs")
 
-    best = outcome.best
-    sub = SubnetFile(
+def _no_feasible(scorer: Scorer, inputs: _Inputs, outcome: SearchOutcome) -> NoFeasibleSubnet:
+    """The error for a search without a feasible candidate, naming the smallest figures the space reaches."""
+    params, macs, lat = scorer.cheap(inputs.run.space.smallest())
+    reach = ", ".join(f"{d} {v:.3f} ms" for d, v in lat.items())
+    return NoFeasibleSubnet(
+        f"no subnet meets the budgets ({_budgets_text(inputs.budgets)}) among {len(outcome.candidates)} candidates; "
+        f"the smallest config of the space reaches {reach}, {params / 1e6:.3f}M params, {macs / 1e6:.1f}M MACs")
+
+
+def _subnet_file(best: Candidate, cfg: SearchRunConfig, inputs: _Inputs, net: Supernet, out: Path) -> SubnetFile:
+    """``subnet.json`` of the chosen candidate, with its figures and provenance."""
+    from ._provenance import environment
+
+    run, models = inputs.run, inputs.models
+    return SubnetFile(
         best.arch, resolution=run.resolution, num_classes=run.num_classes, in_chans=run.in_chans,
         distillation=net.lower(best.arch)[-1].distillation,
         metrics={
@@ -199,15 +250,13 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
             "space_name": run.space.name, "space_hash": run.space.hash,
             "luts": {d: {"path": str(Path(m.lut_path).resolve()), "sha256": m.lut_sha256, "source": m.source}
                      for d, m in models.items()},
-            "search": {"strategy": cfg.settings.strategy, "budgets": budgets.to_dict(), "folder": str(out)},
+            "search": {"strategy": cfg.settings.strategy, "budgets": inputs.budgets.to_dict(), "folder": str(out)},
             "command": sys.argv, "environment": environment(),
         },
     )
-    files["subnet.json"] = sub.save(out / "subnet.json")
-    return SearchResult(out, best, sub, outcome, files)
 
 
-def _storage(url: str) -> Any:
+def _storage(url: str) -> BaseStorage:
     """An optuna storage for ``url``; a URL that optuna cannot open is the user's mistake."""
     import optuna
 

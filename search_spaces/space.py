@@ -17,12 +17,49 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Protocol, Sequence, TypeVar
 
 from .arch import MIXERS, ArchConfig, BlockConfig, StageConfig
 from .errors import SpaceError
 
-__all__ = ["StageChoices", "SearchSpace", "SlimAction", "as_rng"]
+__all__ = ["StageChoices", "SearchSpace", "SlimAction", "TrialLike", "ParamValue", "as_rng", "build_stage"]
+
+_T = TypeVar("_T")
+
+#: A value of the optuna encoding: a width, depth or attention count, an expansion, or a mixer.
+ParamValue = int | float | str
+
+
+class TrialLike(Protocol):
+    """What :meth:`SearchSpace.suggest` needs of an optuna trial (``optuna.trial.Trial`` has it)."""
+
+    def suggest_categorical(self, name: str, choices: Sequence[_T]) -> _T: ...
+
+    def suggest_int(self, name: str, low: int, high: int) -> int: ...
+
+
+def build_stage(width: int, expansions: Sequence[float], *, plain_mixer: str,
+                attn_mixers: Sequence[str] = ()) -> StageConfig:
+    """The one stage layout of every family: plain blocks first, then the attention blocks last.
+
+    Args:
+        width: the stage's channels.
+        expansions: one expansion ratio per block; the stage's depth is their number.
+        plain_mixer: the mixer of the leading blocks (``ffn``, ``pool``, ...).
+        attn_mixers: the mixers of the last ``len(attn_mixers)`` blocks, in order.
+
+    Raises:
+        SpaceError: more attention mixers than blocks.
+
+    >>> build_stage(48, [4, 3, 4], plain_mixer="ffn", attn_mixers=["attn"]).blocks[-2:]
+    (BlockConfig(mixer='ffn', expansion=3), BlockConfig(mixer='attn', expansion=4))
+    """
+    n_attn = len(attn_mixers)
+    if n_attn > len(expansions):
+        raise SpaceError(f"a stage of {len(expansions)} blocks cannot hold {n_attn} attention blocks "
+                         f"(attn_mixers {list(attn_mixers)})")
+    mixers = [plain_mixer] * (len(expansions) - n_attn) + list(attn_mixers)
+    return StageConfig(width, tuple(BlockConfig(m, e) for m, e in zip(mixers, expansions)))
 
 
 def as_rng(rng: int | random.Random) -> random.Random:
@@ -79,6 +116,10 @@ class StageChoices:
         """Allowed numbers of attention blocks at a given depth."""
         return range(self.min_attn, min(self.max_attn, depth) + 1)
 
+    def stage(self, width: int, expansions: Sequence[float], attn_mixers: Sequence[str] = ()) -> StageConfig:
+        """A stage of this stage's layout (:func:`build_stage` with this stage's plain mixer)."""
+        return build_stage(width, expansions, plain_mixer=self.plain_mixer, attn_mixers=attn_mixers)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "widths": list(self.widths),
@@ -93,10 +134,28 @@ class StageChoices:
 
 @dataclass(frozen=True)
 class SlimAction:
-    """One slimming step from a config: what it does, and the config it leads to."""
+    """One slimming step from a config: what it does, and the config it leads to.
+
+    Args:
+        name: what the step does, e.g. ``s3.block 2 expansion 4->3``.
+        arch: the config it leads to.
+        stage: the stage it changes (0-based; -1: unknown).
+        block: the one block it changes in place (0-based), or -1 when it changes the stage as a
+            whole (width, depth). Two actions with different stages, or different blocks of the
+            same stage that neither changes as a whole, can be applied together
+            (:meth:`SearchSpace.combine`).
+    """
 
     name: str
     arch: ArchConfig
+    stage: int = -1
+    block: int = -1
+
+    def conflicts(self, other: SlimAction) -> bool:
+        """Whether the two actions touch the same stage as a whole or the same block."""
+        if self.stage < 0 or other.stage < 0:
+            return True
+        return self.stage == other.stage and (self.block < 0 or other.block < 0 or self.block == other.block)
 
 
 @dataclass(frozen=True)
@@ -213,9 +272,6 @@ class SearchSpace:
         return arch
 
     # --------------------------------------------------------------- sampling
-    def _stage(self, ch: StageChoices, width: int, exps: list[float], mixers: list[str]) -> StageConfig:
-        return StageConfig(width, tuple(BlockConfig(m, e) for m, e in zip(mixers, exps)))
-
     def sample(self, rng: int | random.Random) -> ArchConfig:
         """A uniformly random config (each choice drawn independently)."""
         r = as_rng(rng)
@@ -224,9 +280,8 @@ class SearchSpace:
             width = r.choice(ch.widths)
             depth = r.choice(ch.depths)
             n_attn = r.choice(ch.attn_range(depth))
-            mixers = [ch.plain_mixer] * (depth - n_attn) + [r.choice(ch.attn_mixers) for _ in range(n_attn)]
-            exps = [r.choice(ch.expansions) for _ in range(depth)]
-            stages.append(self._stage(ch, width, exps, mixers))
+            attn = [r.choice(ch.attn_mixers) for _ in range(n_attn)]
+            stages.append(ch.stage(width, [r.choice(ch.expansions) for _ in range(depth)], attn))
         return self._arch(stages)
 
     def largest(self) -> ArchConfig:
@@ -235,18 +290,13 @@ class SearchSpace:
         for ch in self.stages:
             depth = ch.depths[-1]
             n_attn = ch.attn_range(depth)[-1]
-            mixers = [ch.plain_mixer] * (depth - n_attn) + [ch.attn_mixers[-1]] * n_attn if n_attn else [ch.plain_mixer] * depth
-            stages.append(self._stage(ch, ch.widths[-1], [ch.expansions[-1]] * depth, mixers))
+            stages.append(ch.stage(ch.widths[-1], [ch.expansions[-1]] * depth, ch.attn_mixers[-1:] * n_attn))
         return self._arch(stages)
 
     def smallest(self) -> ArchConfig:
         """Narrowest, shallowest config, with the fewest attention blocks of the cheapest mixer."""
-        stages = []
-        for ch in self.stages:
-            depth = ch.depths[0]
-            n_attn = ch.min_attn
-            mixers = [ch.plain_mixer] * (depth - n_attn) + [ch.attn_mixers[0]] * n_attn if n_attn else [ch.plain_mixer] * depth
-            stages.append(self._stage(ch, ch.widths[0], [ch.expansions[0]] * depth, mixers))
+        stages = [ch.stage(ch.widths[0], [ch.expansions[0]] * ch.depths[0], ch.attn_mixers[:1] * ch.min_attn)
+                  for ch in self.stages]
         return self._arch(stages)
 
     def mutate(self, arch: ArchConfig, rng: int | random.Random, *, prob: float = 0.1) -> ArchConfig:
@@ -270,8 +320,89 @@ class SearchSpace:
             kept = old_attn[len(old_attn) - n_attn:] if n_attn else []
             attn = [r.choice(ch.attn_mixers) for _ in range(n_attn - len(kept))] + kept
             attn = [r.choice(ch.attn_mixers) if r.random() < prob else m for m in attn]
-            stages.append(self._stage(ch, width, exps, [ch.plain_mixer] * (depth - n_attn) + attn))
+            stages.append(ch.stage(width, exps, attn))
         return self.check(self._arch(stages))
+
+    def uniform(self, fraction: float) -> ArchConfig:
+        """A uniformly scaled config: every choice at the same relative position (0 = smallest, 1 = largest).
+
+        Used for the uniformly scaled baselines that searched subnets must beat.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be within [0.0, 1.0], got {fraction}")
+
+        def pick(seq: Sequence[_T]) -> _T:
+            return seq[round(fraction * (len(seq) - 1))]
+
+        stages = []
+        for ch in self.stages:
+            depth = pick(ch.depths)
+            n_attn = pick(ch.attn_range(depth))
+            attn = [pick(ch.attn_mixers)] * n_attn if n_attn else []
+            stages.append(ch.stage(pick(ch.widths), [pick(ch.expansions)] * depth, attn))
+        return self._arch(stages)
+
+    # --------------------------------------------------------------- optuna encoding
+    def suggest(self, trial: TrialLike) -> ArchConfig:
+        """Draw a config through an optuna trial, with a fixed-length parameter set (see :meth:`decode`).
+
+        The parameter names are stable (studies resume across versions): per stage ``s``,
+        ``s{s}.width``, ``s{s}.depth``, ``s{s}.attn`` (stages with attention slots), and for every
+        slot ``j`` up to the deepest depth ``s{s}.b{j}.e`` and, with attention mixers, ``s{s}.b{j}.mixer``.
+        """
+        params: dict[str, ParamValue] = {}
+        for si, ch in enumerate(self.stages):
+            params[f"s{si}.width"] = trial.suggest_categorical(f"s{si}.width", list(ch.widths))
+            params[f"s{si}.depth"] = trial.suggest_categorical(f"s{si}.depth", list(ch.depths))
+            if ch.max_attn:
+                params[f"s{si}.attn"] = trial.suggest_int(f"s{si}.attn", ch.min_attn, ch.max_attn)
+            for j in range(ch.depths[-1]):
+                params[f"s{si}.b{j}.e"] = trial.suggest_categorical(f"s{si}.b{j}.e", list(ch.expansions))
+                if ch.attn_mixers:
+                    params[f"s{si}.b{j}.mixer"] = trial.suggest_categorical(f"s{si}.b{j}.mixer",
+                                                                            list(ch.attn_mixers))
+        return self.decode(params)
+
+    def decode(self, params: Mapping[str, ParamValue]) -> ArchConfig:
+        """The config of a parameter set of :meth:`suggest` (always in the space).
+
+        ``s{s}.attn`` is clamped to what the depth allows; slots beyond the depth are ignored.
+
+        >>> from search_spaces import get_space
+        >>> space = get_space("efficientformer_v2_demo")
+        >>> arch = space.sample(3)
+        >>> space.decode(space.encode(arch)) == arch
+        True
+        """
+        stages = []
+        for si, ch in enumerate(self.stages):
+            depth = int(params[f"s{si}.depth"])
+            allowed = ch.attn_range(depth)
+            n_attn = min(max(int(params.get(f"s{si}.attn", 0)), allowed.start), allowed.stop - 1)
+            exps = [float(params[f"s{si}.b{j}.e"]) for j in range(depth)]
+            attn = [str(params[f"s{si}.b{j}.mixer"]) for j in range(depth - n_attn, depth)]
+            stages.append(ch.stage(int(params[f"s{si}.width"]), exps, attn))
+        return self.check(self._arch(stages))
+
+    def encode(self, arch: ArchConfig) -> dict[str, ParamValue]:
+        """A parameter set of :meth:`suggest` that :meth:`decode` turns back into ``arch``.
+
+        Slots beyond the depth take the smallest expansion and the cheapest attention mixer.
+        """
+        self.check(arch)
+        params: dict[str, ParamValue] = {}
+        for si, (st, ch) in enumerate(zip(arch.stages, self.stages)):
+            params[f"s{si}.width"] = st.width
+            params[f"s{si}.depth"] = st.depth
+            if ch.max_attn:
+                params[f"s{si}.attn"] = sum(b.mixer != ch.plain_mixer for b in st.blocks)
+            for j in range(ch.depths[-1]):
+                blk = st.blocks[j] if j < st.depth else None
+                params[f"s{si}.b{j}.e"] = blk.expansion if blk else ch.expansions[0]
+                if ch.attn_mixers:
+                    params[f"s{si}.b{j}.mixer"] = (blk.mixer if blk and blk.mixer != ch.plain_mixer
+                                                   else ch.attn_mixers[0])
+        return params
 
     # --------------------------------------------------------------- slimming
     def slimming_actions(self, arch: ArchConfig) -> list[SlimAction]:
@@ -290,10 +421,10 @@ class SearchSpace:
             n_attn = sum(b.mixer != ch.plain_mixer for b in blocks)
             n_plain = len(blocks) - n_attn
 
-            def emit(name: str, new_blocks: list[BlockConfig], width: int = st.width) -> None:
+            def emit(name: str, new_blocks: list[BlockConfig], width: int = st.width, block: int = -1) -> None:
                 cand = arch.replace_stage(si, StageConfig(width, tuple(new_blocks)))
                 if self.contains(cand):
-                    actions.append(SlimAction(name, cand))
+                    actions.append(SlimAction(name, cand, si, block))
 
             wi = ch.widths.index(st.width)
             if wi > 0:
@@ -304,37 +435,46 @@ class SearchSpace:
                 emit(f"{tag}.drop attention block {len(blocks)}", blocks[:-1])
                 first = blocks[n_plain]
                 emit(f"{tag}.block {n_plain + 1} {first.mixer}->{ch.plain_mixer}",
-                     blocks[:n_plain] + [BlockConfig(ch.plain_mixer, first.expansion)] + blocks[n_plain + 1:])
+                     blocks[:n_plain] + [BlockConfig(ch.plain_mixer, first.expansion)] + blocks[n_plain + 1:],
+                     block=n_plain)
             for bi, b in enumerate(blocks):
                 ei = ch.expansions.index(b.expansion)
                 if ei > 0:
                     nb = list(blocks)
                     nb[bi] = BlockConfig(b.mixer, ch.expansions[ei - 1])
-                    emit(f"{tag}.block {bi + 1} expansion {b.expansion}->{ch.expansions[ei - 1]}", nb)
+                    emit(f"{tag}.block {bi + 1} expansion {b.expansion}->{ch.expansions[ei - 1]}", nb, block=bi)
                 if b.mixer in ch.attn_mixers:
                     mi = ch.attn_mixers.index(b.mixer)
                     if mi > 0:
                         nb = list(blocks)
                         nb[bi] = BlockConfig(ch.attn_mixers[mi - 1], b.expansion)
-                        emit(f"{tag}.block {bi + 1} {b.mixer}->{ch.attn_mixers[mi - 1]}", nb)
+                        emit(f"{tag}.block {bi + 1} {b.mixer}->{ch.attn_mixers[mi - 1]}", nb, block=bi)
         return actions
 
-    def uniform(self, fraction: float) -> ArchConfig:
-        """A uniformly scaled config: every choice at the same relative position (0 = smallest, 1 = largest).
+    def combine(self, arch: ArchConfig, actions: Sequence[SlimAction]) -> ArchConfig:
+        """``arch`` with several non-conflicting slimming actions of ``arch`` applied together.
 
-        Used for the uniformly scaled baselines that searched subnets must beat.
+        Raises:
+            SpaceError: two actions conflict (:meth:`SlimAction.conflicts`), or the result is outside the space.
+
+        >>> from search_spaces import get_space
+        >>> space = get_space("efficientformer_v2_demo")
+        >>> acts = space.slimming_actions(space.largest())
+        >>> a, b = acts[0], next(x for x in acts if not x.conflicts(acts[0]))
+        >>> both = space.combine(space.largest(), [a, b])
+        >>> both.stages[a.stage] == a.arch.stages[a.stage] and both.stages[b.stage] == b.arch.stages[b.stage]
+        True
         """
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be within [0.0, 1.0], got {fraction}")
-
-        def pick(seq: tuple[Any, ...]) -> Any:
-            return seq[round(fraction * (len(seq) - 1))]
-
-        stages = []
-        for ch in self.stages:
-            depth = pick(ch.depths)
-            r = ch.attn_range(depth)
-            n_attn = r[round(fraction * (len(r) - 1))]
-            mixers = [ch.plain_mixer] * (depth - n_attn) + ([pick(ch.attn_mixers)] * n_attn if n_attn else [])
-            stages.append(self._stage(ch, pick(ch.widths), [pick(ch.expansions)] * depth, mixers))
-        return self._arch(stages)
+        stages = list(arch.stages)
+        for i, act in enumerate(actions):
+            for other in actions[:i]:
+                if act.conflicts(other):
+                    raise SpaceError(f"slimming actions {other.name!r} and {act.name!r} conflict; apply them one at a time")
+            new = act.arch.stages[act.stage]
+            if act.block < 0:
+                stages[act.stage] = new
+            else:
+                blocks = list(stages[act.stage].blocks)
+                blocks[act.block] = new.blocks[act.block]
+                stages[act.stage] = StageConfig(stages[act.stage].width, tuple(blocks))
+        return self.check(self._arch(stages))

@@ -12,7 +12,7 @@ import re
 
 from .errors import NasUserError
 
-__all__ = ["parse_latency_ms", "parse_count", "format_count", "format_ms"]
+__all__ = ["parse_latency_ms", "parse_count"]
 
 _LATENCY_UNITS = {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3, "ns": 1e-6}
 _COUNT_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
@@ -57,16 +57,3 @@ def parse_count(text: str | int | float, *, what: str = "count") -> int:
     if not math.isfinite(value) or value <= 0:
         raise NasUserError(f"{what} {str(text)!r} must be a positive, finite number")
     return int(round(value))
-
-
-def format_count(n: float) -> str:
-    """Format a count compactly: ``3600256 -> '3.60M'``."""
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{suffix}"
-    return f"{n:.0f}"
-
-
-def format_ms(ms: float) -> str:
-    """Format milliseconds with three significant decimals: ``1.6 -> '1.600 ms'``."""
-    return f"{ms:.3f} ms"

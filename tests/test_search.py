@@ -81,17 +81,22 @@ def test_missing_device_is_refused() -> None:
         Budgets.parse(["=1.6ms"])
 
 
+def _feasible(b: Budgets, **figures) -> bool:
+    """Within every budget: no violation above 0 (what ``Candidate.feasible`` checks)."""
+    return all(v <= 0 for v in b.violations(**figures).values())
+
+
 def test_violations_are_relative_excess_and_positive_means_over_budget() -> None:
     b = Budgets.parse(["2ms"], default_device="d", max_params="1M", max_macs="100M")
     v = b.violations(latency_ms={"d": 3.0}, params=500_000, macs=100_000_000)
     assert v == {"latency:d": pytest.approx(0.5), "params": pytest.approx(-0.5), "macs": pytest.approx(0.0)}
-    assert not b.feasible(latency_ms={"d": 3.0}, params=500_000, macs=100_000_000)
-    assert b.feasible(latency_ms={"d": 2.0}, params=1_000_000, macs=1)
+    assert not _feasible(b, latency_ms={"d": 3.0}, params=500_000, macs=100_000_000)
+    assert _feasible(b, latency_ms={"d": 2.0}, params=1_000_000, macs=1)
 
 
 # ============================================================================ MES
 def test_mes_matches_the_documented_figures() -> None:
-    # DESIGN.md section 6: U_params 3M, U_latency 1 ms, a_latency 1.0, a_params 0.5, score 100
+    # docs/design.md (MES): U_params 3M, U_latency 1 ms, a_latency 1.0, a_params 0.5, score 100
     assert round(mes(0.9, 3.5e6), 1) == 102.9   # EfficientFormerV2-S0
     assert round(mes(2.7, 26.1e6), 1) == 12.6   # EfficientFormerV2-L
     w = MesWeights()
@@ -338,7 +343,7 @@ optuna.create_study(study_name="nas-search", storage=_storage(url), load_if_exis
 
 
 def test_workers_starting_together_can_open_a_fresh_sqlite_study(tmp_path: Path) -> None:
-    """The default storage of several workers (DESIGN 6): the SQLite file is created by whoever comes first.
+    """The default storage of several workers (docs/design.md, search): the SQLite file is created by whoever comes first.
 
     Six processes open the same new ``study.db`` at the same moment, through the helper
     ``run_search`` uses for ``--storage``'s default, then create-or-load the study. Each
@@ -410,3 +415,31 @@ def test_latency_error_names_the_bad_value_once() -> None:
         with pytest.raises(NasUserError) as info:
             Budgets.parse(values, default_device=default)
         assert str(info.value).count("1.6xs'") == 1, str(info.value)
+
+
+# ============================================================================ fast and exhaustive slimming
+def test_default_search_reports_its_real_evaluations_and_the_predictor(work: F.Work) -> None:
+    F.default_search(work)
+    summary = json.loads((_search_dir(work) / "search.json").read_text())
+    assert summary["mode"] == "fast"
+    assert 0 < summary["evaluated_full"] <= summary["evaluated"]
+    assert summary["actions_evaluated"] <= summary["actions_considered"]
+    assert "predictor_spearman" in summary and "predictor_held_out" in summary
+    s = summary["predictor_spearman"]
+    assert s is None or -1.0 <= s <= 1.0
+    # every accuracy on the path is an evaluation on every validation image
+    cache = [json.loads(line) for line in (_search_dir(work) / "accuracy_cache.jsonl").read_text().splitlines()]
+    full = {r["hash"]: r["accuracy"] for r in cache if "|images=" not in r["setting"]}
+    with open(_search_dir(work) / "path.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            assert float(row["accuracy"]) == pytest.approx(full[row["arch_hash"]], abs=0), row["action"]
+
+
+def test_exhaustive_flag_evaluates_every_action_on_every_image(work: F.Work) -> None:
+    b = F.budget(work)
+    r = F.cli("nas-search", "--latency", b.latency_text, "--max-params", b.params_text, "--exhaustive",
+              "--threads", "1", "--calib-batches", "1", "--out", "runs/exhaustive", cwd=work.path)
+    assert r.returncode == 0, F.describe(r)
+    summary = json.loads((work.path / "runs" / "exhaustive" / "search.json").read_text())
+    assert summary["mode"] == "exhaustive" and summary["settings"]["exhaustive"] is True
+    assert summary["evaluated"] == summary["evaluated_full"] == summary["candidates"]

@@ -1,0 +1,93 @@
+"""``slim``: EfficientFormerV2's greedy joint slimming (section 3.3 of the paper).
+
+From the largest config, every step evaluates the slimming actions (narrower stage, fewer
+blocks, lower expansion, attention to FFN, softmax to linear attention) and takes the one with
+the smallest accuracy drop per gain in MES, until every budget is met, then ``extra_steps``
+further to trace the path.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import TYPE_CHECKING
+
+from ..search import Candidate, Progress, Scorer, SearchOutcome, SearchSettings, best_feasible, register_strategy
+
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
+
+__all__ = ["SlimStrategy"]
+
+logger = logging.getLogger(__name__)
+
+
+def step_message(step: int, name: str, current: Candidate, primary: str) -> str:
+    """The progress line of one slimming step."""
+    return (f"slim step {step}: {name}: acc {current.accuracy:.4f}, {primary} "
+            f"{current.latency_ms[primary]:.3f} ms, {current.params / 1e6:.3f}M params, "
+            f"MES {current.mes:.1f}{' (feasible)' if current.feasible else ''}")
+
+
+@register_strategy("slim")
+class SlimStrategy:
+    """Greedy joint slimming from the largest config.
+
+    By default the fast path (:mod:`nas.strategies.slim_fast`) chooses which actions get a real
+    evaluation and on how many images; with ``settings.exhaustive`` (or an accuracy source that
+    cannot evaluate on part of the images) every action of every step gets a full real evaluation.
+    """
+
+    name = "slim"
+    uses_study = False
+
+    def run(self, scorer: Scorer, settings: SearchSettings, *, progress: Progress | None = None,
+            storage: BaseStorage | None = None) -> SearchOutcome:
+        if not settings.exhaustive and hasattr(scorer.accuracy, "correct"):
+            from .slim_fast import fast_slim
+
+            return fast_slim(scorer, settings, progress=progress)
+        return exhaustive_slim(scorer, settings, progress=progress)
+
+
+def exhaustive_slim(scorer: Scorer, settings: SearchSettings, *, progress: Progress | None = None) -> SearchOutcome:
+    """Greedy slimming in which every action (or ``max_actions`` random ones) of every step is evaluated."""
+    t0 = time.perf_counter()
+    rng = random.Random(f"slim:{settings.seed}")
+    space = scorer.space
+    current = scorer(space.largest())
+    path = [{"step": 0, "action": "start (largest)", **current.row()}]
+    steps_after_feasible = 0
+    step = 0
+    while True:
+        if current.feasible:
+            if steps_after_feasible >= settings.extra_steps:
+                break
+            steps_after_feasible += 1
+        actions = space.slimming_actions(current.arch)
+        if not actions:
+            break
+        if settings.max_actions and len(actions) > settings.max_actions:
+            actions = rng.sample(actions, settings.max_actions)
+        best_ratio, best = math.inf, None
+        for act in actions:
+            cand = scorer(act.arch)
+            gain = cand.mes - current.mes
+            if gain <= 0:
+                continue
+            ratio = (current.accuracy - cand.accuracy) / gain
+            if ratio < best_ratio:
+                best_ratio, best = ratio, (act.name, cand)
+        if best is None:
+            break
+        step += 1
+        name, current = best
+        path.append({"step": step, "action": name, **current.row()})
+        (progress or logger.info)(step_message(step, name, current, scorer.primary))
+    cands = list(scorer.seen.values())
+    largest = scorer.seen[space.largest().hash].macs
+    # the work of the evaluations, in full recalibrations and evaluations of the largest subnet
+    work = sum(c.macs for c in cands) / largest if largest else None
+    return SearchOutcome(cands, best_feasible(cands, scorer.primary), path, time.perf_counter() - t0,
+                         stats={"mode": "exhaustive", "largest_full_evaluations": work})

@@ -1,0 +1,258 @@
+"""The fast path of greedy joint slimming: the same MES-greedy path, with far fewer real evaluations.
+
+Every step still takes, among the actions that got a real evaluation, the one with the smallest
+accuracy drop per MES gain, and every figure on the path (and so the chosen subnet's accuracy) is
+a real evaluation on every validation image. What changes is which actions get evaluated, on how
+many images, and how much of the network is run for each:
+
+1. **Accuracy predictor** (:mod:`nas.predictor`, as Once-for-All does): ridge regression on an
+   architecture encoding, refitted every step on every subnet evaluated so far (accuracy on the
+   first rung's images). The first step evaluates every action, to have something to fit. Later
+   steps evaluate the ``top_k`` actions with the best predicted drop per MES gain, plus
+   ``explore`` random others. Its Spearman correlation on evaluated subnets it had not been
+   trained on is reported.
+2. **Successive halving** of validation images: the chosen actions are evaluated on
+   ``rung_images`` images, the better half (by drop per MES gain on those images) on twice as many,
+   and so on up to every image; the last one standing is the step's greedy choice.
+3. **Several actions per step while far from the budgets**: the winner and the next-best
+   evaluated actions that touch other stages or blocks are applied together (up to
+   ``max_combine``), as long as the result stays more than ``far`` over its most violated budget.
+   The combination gets its own real evaluation. Near the budgets every step applies one action.
+4. **BN recalibrated once per block and reused** (:mod:`nas.prefix_eval`): a candidate runs only
+   the blocks from its first difference with the current subnet on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+
+from search_spaces import ArchConfig, SlimAction
+
+from ..predictor import RidgePredictor, encode, spearman
+from ..search import Candidate, Progress, Scorer, SearchOutcome, SearchSettings, best_feasible
+
+__all__ = ["StagedAccuracy", "fast_slim"]
+
+logger = logging.getLogger(__name__)
+
+
+class StagedAccuracy(Protocol):
+    """An accuracy source that can evaluate on the leading validation images (``AccuracyEvaluator``)."""
+
+    n_images: int
+
+    def rung_images(self, images: int) -> int: ...
+
+    def correct(self, arch: ArchConfig, images: int, *, keep: bool = False) -> np.ndarray: ...
+
+    def set_anchor(self, arch: ArchConfig) -> None: ...
+
+
+@dataclass
+class _Trial:
+    """One action of a step: its cheap figures, its prediction and its real accuracies by image count."""
+
+    action: SlimAction
+    est: Candidate
+    gain: float
+    predicted_ratio: float = math.nan
+    predicted_acc: float = math.nan
+    acc: dict[int, float] = field(default_factory=dict)
+
+    def ratio(self, cur_acc: float, images: int) -> float:
+        return (cur_acc - self.acc[images]) / self.gain
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _max_violation(c: Candidate) -> float:
+    return max(c.violations.values(), default=0.0)
+
+
+class _FastSlim:
+    def __init__(self, scorer: Scorer, settings: SearchSettings, progress: Progress | None) -> None:
+        self.scorer, self.settings, self.say = scorer, settings, progress or logger.info
+        self.ev: StagedAccuracy = scorer.accuracy  # type: ignore[assignment]
+        self.space = scorer.space
+        self.n_all = self.ev.n_images
+        rungs = [self.ev.rung_images(settings.rung_images)]
+        while rungs[-1] < self.n_all:
+            rungs.append(self.ev.rung_images(2 * rungs[-1]))
+        self.rungs = rungs
+        self.n0 = rungs[0]
+        self.rng = random.Random(f"slim-fast:{settings.seed}")
+        self.train: dict[str, tuple[np.ndarray, float]] = {}   # arch hash -> (features, accuracy on n0 images)
+        self.held_out: list[tuple[int, float, float]] = []       # (step, predicted, real) on n0 images
+        self.real_actions = 0
+        self.all_actions = 0
+        self.warmup = 16   # evaluated subnets before the predictor ranks actions
+
+    # ------------------------------------------------------------------ evaluations
+    def _features(self, c: Candidate) -> np.ndarray:
+        return encode(self.space, c.arch, params=c.params, macs=c.macs)
+
+    def _learn(self, c: Candidate, right: np.ndarray) -> None:
+        if len(right) >= self.n0:
+            self.train[c.arch.hash] = (self._features(c), float(right[:self.n0].mean()))
+
+    def full(self, arch: ArchConfig, *, keep: bool) -> Candidate:
+        """A real evaluation of ``arch`` on every validation image (recorded as a search candidate)."""
+        right = self.ev.correct(arch, self.n_all, keep=keep)
+        cand = self.scorer.with_accuracy(arch, float(right.mean()))
+        self.scorer.seen[arch.hash] = cand
+        self._learn(cand, right)
+        return cand
+
+    def _on(self, t: _Trial, images: int, *, keep: bool = False) -> float:
+        right = self.ev.correct(t.action.arch, images, keep=keep)
+        t.acc[images] = float(right.mean())
+        if images == self.n_all:
+            self.scorer.seen[t.action.arch.hash] = replace(t.est, accuracy=t.acc[images])
+        self._learn(t.est, right)
+        return t.acc[images]
+
+    def _cur_acc(self, cur: Candidate, images: int) -> float:
+        return float(self.ev.correct(cur.arch, images).mean())
+
+    # ------------------------------------------------------------------ one step
+    def _trials(self, cur: Candidate) -> list[_Trial]:
+        out = []
+        for act in self.space.slimming_actions(cur.arch):
+            est = self.scorer.with_accuracy(act.arch, math.nan)
+            if est.mes - cur.mes > 0:
+                out.append(_Trial(act, est, est.mes - cur.mes))
+        return out
+
+    def _select(self, cur: Candidate, trials: list[_Trial], step: int) -> list[_Trial]:
+        """The trials that get a real evaluation: a random warm-up sample until the predictor has data, then
+        the ``top_k`` best ranked by predicted drop per MES gain and ``explore`` random others."""
+        k = self.settings.top_k + self.settings.explore
+        if len(trials) <= k:
+            return trials
+        if len(self.train) < self.warmup:
+            return self.rng.sample(trials, min(len(trials), max(2 * k, self.warmup)))
+        x = np.stack([f for f, _ in self.train.values()])
+        y = np.array([a for _, a in self.train.values()])
+        model = RidgePredictor.fit_loo(x, y)
+        pred = model.predict(np.stack([self._features(t.est) for t in trials]))
+        base = float(model.predict(self._features(cur)))
+        for t, p in zip(trials, pred):
+            t.predicted_acc, t.predicted_ratio = float(p), (base - float(p)) / t.gain
+        ranked = sorted(trials, key=lambda t: (t.predicted_ratio, -t.gain))
+        top, rest = ranked[:self.settings.top_k], ranked[self.settings.top_k:]
+        return top + self.rng.sample(rest, min(self.settings.explore, len(rest)))
+
+    def _halving(self, cur: Candidate, chosen: list[_Trial], step: int) -> _Trial:
+        """Successive halving over the rungs; the winner is evaluated on every image."""
+        survivors = list(chosen)
+        for n in self.rungs:
+            last = n == self.n_all
+            for t in survivors:
+                self._on(t, n, keep=last and len(survivors) == 1)
+            base = self._cur_acc(cur, n)
+            survivors.sort(key=lambda t: (t.ratio(base, n), -t.gain))   # equal ratios: the larger MES gain
+            if last:
+                break
+            survivors = survivors[:max(1, math.ceil(len(survivors) / 2))]
+        for t in chosen:
+            if not math.isnan(t.predicted_acc):
+                self.held_out.append((step, t.predicted_acc, t.acc[self.n0]))
+        return survivors[0]
+
+    def _combine(self, cur: Candidate, winner: _Trial, chosen: list[_Trial]) -> list[_Trial]:
+        """The winner, plus the next-best non-conflicting evaluated actions while far from the budgets."""
+        picked = [winner]
+        if self.settings.max_combine <= 1 or _max_violation(cur) <= self.settings.far:
+            return picked
+        if _max_violation(winner.est) <= self.settings.far:
+            return picked
+        base = self._cur_acc(cur, self.n0)
+        for t in sorted(chosen, key=lambda t: (t.ratio(base, self.n0), -t.gain)):
+            if len(picked) >= self.settings.max_combine:
+                break
+            if t is winner or any(t.action.conflicts(p.action) for p in picked):
+                continue
+            arch = self.space.combine(cur.arch, [p.action for p in picked] + [t.action])
+            if _max_violation(self.scorer.with_accuracy(arch, math.nan)) <= self.settings.far:
+                break
+            picked.append(t)
+        return picked
+
+    def step(self, cur: Candidate, step: int) -> tuple[str, Candidate] | None:
+        t0 = time.perf_counter()
+        trials = self._trials(cur)
+        if not trials:
+            return None
+        chosen = self._select(cur, trials, step)
+        self.all_actions += len(trials)
+        self.real_actions += len(chosen)
+        t1 = time.perf_counter()
+        winner = self._halving(cur, chosen, step)
+        picked = self._combine(cur, winner, chosen)
+        if len(picked) == 1:
+            new = self.scorer.seen[winner.action.arch.hash]
+        else:
+            new = self.full(self.space.combine(cur.arch, [t.action for t in picked]), keep=True)
+        self.ev.set_anchor(new.arch)
+        logger.debug("slim step %d: %d actions, %d evaluated, %d applied; ranking %.2f s, evaluations %.2f s",
+                     step, len(trials), len(chosen), len(picked), t1 - t0, time.perf_counter() - t1)
+        return " + ".join(t.action.name for t in picked), new
+
+    # ------------------------------------------------------------------ the path
+    def run(self) -> SearchOutcome:
+        from .slim import step_message
+
+        t0 = time.perf_counter()
+        current = self.full(self.space.largest(), keep=True)
+        self.ev.set_anchor(current.arch)
+        path = [{"step": 0, "action": "start (largest)", **current.row()}]
+        steps_after_feasible = step = 0
+        while True:
+            if current.feasible:
+                if steps_after_feasible >= self.settings.extra_steps:
+                    break
+                steps_after_feasible += 1
+            taken = self.step(current, step + 1)
+            if taken is None:
+                break
+            step += 1
+            name, current = taken
+            path.append({"step": step, "action": name, **current.row()})
+            self.say(step_message(step, name, current, self.scorer.primary))
+        cands = list(self.scorer.seen.values())
+        out = SearchOutcome(cands, best_feasible(cands, self.scorer.primary), path, time.perf_counter() - t0)
+        out.stats = self.stats()
+        return out
+
+    def stats(self) -> dict[str, float | int | str | None]:
+        pred = [p for _, p, _ in self.held_out]
+        real = [r for _, _, r in self.held_out]
+        within = [spearman([p for s, p, _ in self.held_out if s == k], [r for s, _, r in self.held_out if s == k])
+                  for k in sorted({s for s, _, _ in self.held_out})]
+        within = [w for w in within if not math.isnan(w)]
+        runner = getattr(self.ev, "runner", None)
+        return {
+            "mode": "fast", "rungs": ",".join(str(n) for n in self.rungs),
+            "actions_considered": self.all_actions, "actions_evaluated": self.real_actions,
+            "predictor_held_out": len(self.held_out),
+            "predictor_spearman": _finite(spearman(pred, real)) if len(pred) >= 3 else None,
+            "predictor_spearman_within_step": float(np.mean(within)) if within else None,
+            "block_work_fraction": (runner.blocks_run / runner.blocks_total
+                                    if runner is not None and runner.blocks_total else None),
+            # the work of the evaluations, in full recalibrations and evaluations of the largest subnet
+            "largest_full_evaluations": (runner.macs_run / runner.full_macs(self.space.largest())
+                                         if runner is not None else None),
+        }
+
+
+def fast_slim(scorer: Scorer, settings: SearchSettings, *, progress: Progress | None = None) -> SearchOutcome:
+    """Greedy joint slimming, fast path (see the module docstring)."""
+    return _FastSlim(scorer, settings, progress).run()
