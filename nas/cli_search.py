@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exhaustive", action="store_true",
                    help="evaluate every action of every step on every image (the original, slow algorithm)")
     g.add_argument("--max-actions", type=int_at_least(0), default=d.max_actions,
-                   help="with --exhaustive: evaluate at most N random actions per step (0: all)")
+                   help="exhaustive slim that evaluates N random actions per step, each on every image (implies --exhaustive; when none of them gains MES, N more are drawn before slim stops; 0: every action)")
     g.add_argument("--top-k", type=int_at_least(1), default=d.top_k,
                    help=f"actions per step, best ranked by the predictor, that get a real evaluation (default {d.top_k})")
     g.add_argument("--explore", type=int_at_least(0), default=d.explore,

@@ -114,7 +114,7 @@ def _train_and_score(model: StaticNet, splits: DatasetSplits, calib: list[torch.
         recipe = StaticRecipe(epochs=finetune_epochs, lr=finetune_lr, min_lr=finetune_lr / 100, warmup_epochs=0.25,
                               seed=1000, channels_last=False)
         torch.manual_seed(0)
-        train_static(model, splits, recipe, teacher=teacher, progress=progress)
+        train_static(model, splits, recipe, teacher=teacher, progress=progress, label="fine-tune")
         model.eval()
         metrics["val_accuracy_finetuned"] = evaluate(model, val)
         metrics["finetune_epochs"] = finetune_epochs

@@ -1,7 +1,7 @@
 """Evaluate subnets that share a prefix with an anchor subnet by running only their suffix.
 
-A subnet is a sequence of blocks (``Supernet.unit_names(arch)`` zipped with ``net.lower(arch)``,
-in forward order). Two subnets that agree on their first ``k`` blocks (same supernet unit and same
+A subnet is a sequence of blocks (``Supernet.units_for(arch)``: each lowered spec with the
+supernet unit at its position, in forward order). Two subnets that agree on their first ``k`` blocks (same supernet unit and same
 spec) compute the same activations entering block ``k`` for the same input, in training mode (BN
 recalibration) and in evaluation mode (with the same recalibrated statistics). So the inputs of the
 anchor's blocks are computed once, on the fixed calibration batches (training mode) and on the
@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn as nn
 
+from supernet.elastic import unit_name
+
 if TYPE_CHECKING:
-    from search_spaces import ArchConfig, BlockSpec
+    from search_spaces import ArchConfig
     from supernet.elastic import Supernet
 
 __all__ = ["PrefixCachedRunner", "Prepared"]
@@ -100,11 +102,7 @@ class PrefixCachedRunner:
     # ------------------------------------------------------------------ structure
     def units(self, arch: ArchConfig) -> list[Unit]:
         """``(supernet unit name, spec)`` of every block of ``arch``, in forward order."""
-        names, specs = self.net.unit_names(arch), self.net.lower(arch)
-        if len(names) != len(specs):
-            raise RuntimeError(f"the supernet names {len(names)} units but the lowering has {len(specs)} blocks "
-                               f"for {arch.to_string()}")
-        return list(zip(names, specs))
+        return [(unit_name(spec), spec) for _, spec in self.net.units_for(arch)]
 
     @staticmethod
     def common_prefix(a: Sequence[Unit], b: Sequence[Unit]) -> int:

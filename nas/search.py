@@ -135,7 +135,8 @@ class SearchSettings:
     Args:
         strategy: a registered strategy name (:func:`strategy_names`).
         seed: seed of every random choice of the search.
-        max_actions: slim with ``exhaustive``: evaluate at most this many random actions per step (0: all).
+        max_actions: slim: the exhaustive algorithm, evaluating this many random actions per step (0: all);
+            when none of them gains MES, as many others are drawn before the path stops.
         extra_steps: slim: steps to continue after every budget is met.
         exhaustive: slim: give every action of every step a real evaluation on every validation
             image (the original algorithm) instead of the fast path below.

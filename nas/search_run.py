@@ -10,7 +10,7 @@ import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from search_spaces.errors import NasUserError
 from search_spaces.fileio import atomic_write_json

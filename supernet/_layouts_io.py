@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,12 +45,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     elif suffix in TORCH_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise FileFormatError(
-                f"checkpoint {str(path)!r} was refused: weights-only loading accepts tensors and plain containers, "
-                f"and this file holds something else ({_unpickler_reason(exc)}); save a plain state_dict or a "
-                f".safetensors file instead") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        except Exception as exc:  # torch raises pickle's UnpicklingError for refused globals
+            if "WeightsUnpickler error" in str(exc):
+                raise FileFormatError(
+                    f"checkpoint {str(path)!r} was refused: weights-only loading accepts tensors and plain "
+                    f"containers, and this file holds something else ({_unpickler_reason(exc)}); save a plain "
+                    f"state_dict or a .safetensors file instead") from None
             raise FileFormatError(f"checkpoint {str(path)!r} is not a readable torch file ({exc})") from None
     else:
         raise FileFormatError(f"checkpoint {str(path)!r}: unknown file type {suffix!r}; expected .safetensors, "

@@ -92,8 +92,10 @@ def distillation_loss(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], y: 
 
 
 def train_static(model: nn.Module, splits: DatasetSplits, recipe: StaticRecipe, *, teacher: nn.Module | None = None,
-                 progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+                 progress: Callable[[str], None] | None = None, label: str = "train") -> list[dict[str, float]]:
     """Train ``model`` in place on ``splits.train``; returns one row per epoch (loss, seconds).
+
+    Each epoch is reported as ``<label> epoch i/n: loss ...`` to ``progress`` (else to the log).
 
     Raises:
         NasUserError: a teacher whose classes differ from the model's.
@@ -135,10 +137,8 @@ def train_static(model: nn.Module, splits: DatasetSplits, recipe: StaticRecipe, 
                 step += 1
             row = {"epoch": epoch + 1, "loss": loss_sum / max(spe, 1), "seconds": time.perf_counter() - t0}
             rows.append(row)
-            msg = f"train epoch {epoch + 1}/{recipe.epochs}: loss {row['loss']:.4f} ({row['seconds']:.0f} s)"
-            logger.info(msg)
-            if progress is not None:
-                progress(msg)
+            msg = f"{label} epoch {epoch + 1}/{recipe.epochs}: loss {row['loss']:.4f} ({row['seconds']:.0f} s)"
+            (progress or logger.info)(msg)
     finally:
         if use_dist:
             model.set_distilled_training(False)

@@ -328,7 +328,7 @@ EXTRACT_CASES = [
     Case("other-supernet", ("subnet.json",), ("another supernet",),
          _edited_subnet(_set("provenance.supernet_sha256", "0" * 64))),
     Case("other-space", ("subnet.json",), ("200",), _edited_subnet(_set("stages.1.width", 200))),
-    Case("other-resolution", ("subnet.json",), ("resolution",), _edited_subnet(_set("resolution", 64))),
+    Case("bad-resolution", ("subnet.json",), ("resolution", "32x"), _edited_subnet(_set("resolution", "32x"))),
     Case("unknown-mixer", ("subnet.json",), ("mixer", "zzz"), _edited_subnet(_set("stages.0.blocks.0.mixer", "zzz"))),
     Case("nan-metric", ("subnet.json",), ("non-finite",), _edited_subnet(_set("metrics.params", float("nan")))),
     Case("no-supernet-named", ("subnet.json",), ("--supernet",),

@@ -33,11 +33,6 @@ STUDY = "s1"
 _STORAGES: dict[str, Any] = {}  # optuna storages the tests read studies through, one per URL
 
 
-@pytest.fixture(scope="session")
-def work(tmp_path_factory: pytest.TempPathFactory) -> F.Work:
-    return F.get_work(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PG.PostgresServer]:
     """A running throwaway server, stopped (``pg_ctl stop -m immediate``, else SIGKILL) even when a test fails."""
@@ -145,7 +140,7 @@ def test_workers_starting_together_can_open_a_fresh_postgresql_study(postgres: P
 
 
 # ============================================================================ two workers, one killed
-def test_two_workers_share_a_postgresql_study_and_survive_a_kill(work: F.Work, postgres: PG.PostgresServer,
+def test_two_workers_share_a_postgresql_study_and_survive_a_kill(work: F.Shared, postgres: PG.PostgresServer,
                                                                     tmp_path: Path) -> None:
     folder = F.copy_workdir(work.path, tmp_path / "work")
     postgres.createdb("nas")
@@ -206,7 +201,6 @@ def _kill_a_mid_trial(procs: dict[str, Any], logs: dict[str, Path], url: str, cm
         if name != "a1":
             procs[name] = F.popen("nas-search", *cmd_a, cwd=folder, log=logs[name])
         need_a = 3 if name == "a1" else 1
-        state: dict[str, Any] = {}
 
         def ready() -> bool:
             if procs["b"].poll() is not None:

@@ -418,9 +418,8 @@ def test_latency_error_names_the_bad_value_once() -> None:
 
 
 # ============================================================================ fast and exhaustive slimming
-def test_default_search_reports_its_real_evaluations_and_the_predictor(work: F.Work) -> None:
-    F.default_search(work)
-    summary = json.loads((_search_dir(work) / "search.json").read_text())
+def test_default_search_reports_its_real_evaluations_and_the_predictor(searched: F.Shared) -> None:
+    summary = json.loads((_search_dir(searched) / "search.json").read_text())
     assert summary["mode"] == "fast"
     assert 0 < summary["evaluated_full"] <= summary["evaluated"]
     assert summary["actions_evaluated"] <= summary["actions_considered"]
@@ -428,18 +427,19 @@ def test_default_search_reports_its_real_evaluations_and_the_predictor(work: F.W
     s = summary["predictor_spearman"]
     assert s is None or -1.0 <= s <= 1.0
     # every accuracy on the path is an evaluation on every validation image
-    cache = [json.loads(line) for line in (_search_dir(work) / "accuracy_cache.jsonl").read_text().splitlines()]
+    cache = [json.loads(line) for line in (_search_dir(searched) / "accuracy_cache.jsonl").read_text().splitlines()]
     full = {r["hash"]: r["accuracy"] for r in cache if "|images=" not in r["setting"]}
-    with open(_search_dir(work) / "path.csv", newline="") as fh:
+    with open(_search_dir(searched) / "path.csv", newline="") as fh:
         for row in csv.DictReader(fh):
             assert float(row["accuracy"]) == pytest.approx(full[row["arch_hash"]], abs=0), row["action"]
 
 
-def test_exhaustive_flag_evaluates_every_action_on_every_image(work: F.Work) -> None:
+def test_exhaustive_flag_evaluates_every_action_on_every_image(work: F.Shared, tmp_path: Path) -> None:
     b = F.budget(work)
+    d = F.copy_workdir(work.path, tmp_path / "w")
     r = F.cli("nas-search", "--latency", b.latency_text, "--max-params", b.params_text, "--exhaustive",
-              "--threads", "1", "--calib-batches", "1", "--out", "runs/exhaustive", cwd=work.path)
+              "--threads", "1", "--calib-batches", "1", "--out", "runs/exhaustive", cwd=d)
     assert r.returncode == 0, F.describe(r)
-    summary = json.loads((work.path / "runs" / "exhaustive" / "search.json").read_text())
+    summary = json.loads((d / "runs" / "exhaustive" / "search.json").read_text())
     assert summary["mode"] == "exhaustive" and summary["settings"]["exhaustive"] is True
     assert summary["evaluated"] == summary["evaluated_full"] == summary["candidates"]

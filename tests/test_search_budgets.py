@@ -261,9 +261,10 @@ def _toy_accuracy(largest_macs: int, lower):  # noqa: ANN001, ANN202
 
 
 def test_slim_takes_the_action_with_the_smallest_accuracy_drop_per_mes_gain(work: F.Shared) -> None:
-    """slim_search's path, step by step, against the rule of the README written out here."""
+    """exhaustive slim's path, step by step, against the rule of the README written out here."""
     from latency import LatencyTable, predict_latency
-    from nas.search import LatencyModel, Scorer, SearchSettings, slim_search
+    from nas.search import LatencyModel, Scorer, SearchSettings
+    from nas.strategies.slim import exhaustive_slim
     from search_spaces import count_macs, count_params
     from search_spaces import lower as lower_arch
     from supernet.run import load_run
@@ -283,7 +284,7 @@ def test_slim_takes_the_action_with_the_smallest_accuracy_drop_per_mes_gain(work
     latency = {F.DEVICE: LatencyModel(F.DEVICE, lambda a: predict_latency(a, lut), "measured-lut")}
     scorer = Scorer(space=space, accuracy=acc, latency=latency, budgets=budgets, primary_device=F.DEVICE,
                     lower=lower, weights=weights)
-    outcome = slim_search(scorer, SearchSettings(extra_steps=2))
+    outcome = exhaustive_slim(scorer, SearchSettings(extra_steps=2))
 
     def score(arch) -> tuple[float, float, bool]:  # noqa: ANN001
         ms, params = predict_latency(arch, lut), count_params(lower(arch))
@@ -355,7 +356,8 @@ def test_slim_with_max_actions_does_not_give_up_while_the_budget_is_reachable(wo
     the budget>". Checked in-process on the session's LUT, for seeds 0-5 with ``max_actions=1``.
     """
     from latency import LatencyTable, predict_latency
-    from nas.search import LatencyModel, Scorer, SearchSettings, slim_search
+    from nas.search import LatencyModel, Scorer, SearchSettings
+    from nas.strategies.slim import exhaustive_slim
     from search_spaces import lower as lower_arch
     from supernet.run import load_run
 
@@ -369,13 +371,14 @@ def test_slim_with_max_actions_does_not_give_up_while_the_budget_is_reachable(wo
     b = F.binding_budget(work)
     budgets = Budgets.parse([f"{F.DEVICE}={b.latency_text}"], max_params=b.params_text)
     latency = {F.DEVICE: LatencyModel(F.DEVICE, lambda a: predict_latency(a, lut), "measured-lut")}
-    assert budgets.feasible(latency_ms={F.DEVICE: predict_latency(run.space.smallest(), lut)},
-                            params=b.smallest_params, macs=0), "the smallest config meets the budget"
+    violations = budgets.violations(latency_ms={F.DEVICE: predict_latency(run.space.smallest(), lut)},
+                                    params=b.smallest_params, macs=0)
+    assert all(v <= 0 for v in violations.values()), "the smallest config meets the budget"
     gave_up = []
     for seed in range(6):
         scorer = Scorer(space=run.space, accuracy=lambda a: 0.5, latency=latency, budgets=budgets,
                         primary_device=F.DEVICE, lower=lower)
-        outcome = slim_search(scorer, SearchSettings(max_actions=1, extra_steps=0, seed=seed))
+        outcome = exhaustive_slim(scorer, SearchSettings(max_actions=1, extra_steps=0, seed=seed))
         if outcome.best is None:
             gave_up.append(f"seed {seed}: stopped after {len(outcome.path) - 1} steps at {outcome.path[-1]['arch']} "
                            f"({outcome.path[-1][f'latency_ms[{F.DEVICE}]']:.3f} ms)")
