@@ -317,13 +317,14 @@ class LatencyTable:
         return f"LUT {str(self.path)!r}" if self.path is not None else "the LUT"
 
     def check_compatible(self, *, device: str | None = None, resolution: ResolutionLike | None = None,
-                         space_hash: str | None = None) -> None:
+                         space_hash: str | None = None, task: str | None = None) -> None:
         """Refuse a table built for another device, resolution or search space.
 
         Args:
             device: the device the caller needs.
             resolution: the input size the caller needs (``224``, ``"HxW"`` or ``(h, w)``).
             space_hash: the hash of the caller's search space.
+            task: ``classify`` or ``backbone``, the deployment the caller needs.
 
         Raises:
             NasUserError: a mismatch; the message names both values and the command that
@@ -341,6 +342,9 @@ class LatencyTable:
         if wanted is not None and wanted != self.setup.text:
             raise NasUserError(f"{where} was built for resolution {self.setup.text}, not {wanted}; build one "
                                f"with: nas-build-lut --device {self.device} --resolution {wanted}")
+        if task is not None and task != self.setup.task:
+            raise NasUserError(f"{where} was built for task {self.setup.task!r}, not {task!r}; build one with: "
+                               f"nas-build-lut --device {self.device} --resolution {self.setup.text} --task {task}")
         if space_hash is not None and space_hash != self.space_hash:
             raise NasUserError(f"{where} was built for search space {self.space_name!r} (hash {self.space_hash}), "
                                f"not for a space with hash {space_hash}; rebuild it in the run's folder with: "

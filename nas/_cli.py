@@ -58,6 +58,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def resolution_arg(text: str) -> tuple[int, int]:
+    """argparse type of ``--resolution``: ``224`` (square) or ``512x1024`` (height x width)."""
+    from search_spaces import parse_resolution
+
+    try:
+        return parse_resolution(text)
+    except NasUserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def setup_logging(verbose: int = 0, quiet: bool = False, prog: str | None = None) -> None:
     """Log to stderr, each line prefixed with the tool's name, so that every line says who wrote it."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)

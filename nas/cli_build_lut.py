@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from search_spaces import TASKS, LoweringSetup, SearchSpace, get_space, list_spaces, parse_resolution, resolution_json
 from search_spaces.errors import NasUserError
 
-from ._cli import NasArgumentParser, announce, int_at_least, run_cli
+from ._cli import NasArgumentParser, announce, int_at_least, resolution_arg, run_cli
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -92,13 +92,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _resolution(text: str) -> tuple[int, int]:
-    try:
-        return parse_resolution(text)
-    except NasUserError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = NasArgumentParser(prog=PROG, description=__doc__.replace("``", ""), epilog=EPILOG)
     dev = p.add_argument_group("device")
@@ -110,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--batch", type=int_at_least(1), metavar="N", help="override the profile's batch size (default 1)")
     what = p.add_argument_group("what to profile (default: from the latest nas-train run in this folder)")
     what.add_argument("--space", metavar="S", help=f"search space: {', '.join(list_spaces())}")
-    what.add_argument("--resolution", type=_resolution, metavar="PX|HxW",
+    what.add_argument("--resolution", type=resolution_arg, metavar="PX|HxW",
                       help="input size: 224 (square) or 512x1024 (height x width); default: the run's, or 224")
     what.add_argument("--num-classes", type=int_at_least(1), metavar="N", help="classes (default: the run's, or 1000)")
     what.add_argument("--in-chans", type=int_at_least(1), metavar="N", help="input channels (default: the run's, or 3)")

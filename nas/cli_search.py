@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from search_spaces import TASKS
 from search_spaces.errors import NasUserError
 from search_spaces.fileio import atomic_write_text
 
-from ._cli import NasArgumentParser, announce, int_at_least, run_cli
+from ._cli import NasArgumentParser, announce, int_at_least, resolution_arg, run_cli
 from .objectives import MesWeights
 from .search import SearchSettings, strategy_names
 from .search_run import NoFeasibleSubnet, SearchRunConfig, run_search
@@ -25,6 +26,7 @@ EPILOG = """examples:
   nas-search --device local-cpu --latency 5ms --strategy nsga2 --n-trials 200
   nas-search --latency iphone12=1.6ms --latency local-cpu=15ms --max-params 5M
   nas-search --latency 1600us --max-macs 300M --supernet runs/fmnist --lut lut-iphone12-224.json
+  nas-search --resolution 512x1024 --task backbone --latency 20ms   budgets of the headless backbone at 512x1024
   several workers on one study: nas-search ... --strategy nsga2 --storage postgresql://host/db --study-name s1
 
 units: latency 1.6ms, 1600us, 0.0016s; counts 5M, 500K, 5e6, 5000000
@@ -41,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-macs", help="MAC budget, e.g. 300M")
     p.add_argument("--supernet", help="supernet run folder (default: the latest one under this folder)")
     p.add_argument("--lut", action="append", default=[], help="LUT file, repeatable (default: lut-DEVICE-RES.json here)")
+    p.add_argument("--resolution", type=resolution_arg, metavar="PX|HxW",
+                   help="input size the latency and size budgets apply to: 224 or 512x1024 (default: the "
+                        "supernet's); needs a LUT built at it (nas-build-lut --resolution ...). Accuracy stays "
+                        "the supernet's at its training input")
+    p.add_argument("--task", choices=TASKS, default="classify",
+                   help="classify (default) or backbone: budgets apply to the network without its head, as "
+                        "deployed under a detector or segmenter; needs a backbone LUT (nas-build-lut --task backbone)")
     p.add_argument("--out", help="output folder (default: runs/search, and subnet.json is also copied here)")
     p.add_argument("--strategy", default=d.strategy,
                    help=f"one of {', '.join(strategy_names())}: slim is EfficientFormerV2's joint slimming, "
@@ -109,7 +118,7 @@ def _body(args: argparse.Namespace) -> int:
     cfg = SearchRunConfig(latency=tuple(args.latency), device=args.device, max_params=args.max_params,
                           max_macs=args.max_macs, supernet=args.supernet, luts=tuple(args.lut), out=out,
                           val_images=args.val_images, calib_batches=args.calib_batches, settings=settings,
-                          mes=weights)
+                          mes=weights, resolution=args.resolution, task=args.task)
     try:
         result = run_search(cfg, notify=announce, progress=None if args.no_progress else announce)
     except NoFeasibleSubnet as exc:

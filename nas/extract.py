@@ -194,6 +194,7 @@ def extract(subnet_path: str | Path, *, supernet: str | None = None, out: str | 
     model = _train_and_score(model, splits, calib, metrics, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
                              teacher=teacher_model, progress=progress)
     model = _deployable(model, sub, metrics, say)
+    metrics["params"] = sum(p.numel() for p in model.parameters())   # as deployed (a backbone has no head)
     out.mkdir(parents=True, exist_ok=True)
     files = export_formats(model, sub, metrics, formats, out, onnx_atol=ONNX_ATOL)
     if measure:

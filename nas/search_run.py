@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from search_spaces import TASKS, LoweringSetup, format_resolution
 from search_spaces.errors import NasUserError
 from search_spaces.fileio import atomic_write_json
 from search_spaces.subnet_file import SubnetFile
@@ -22,10 +23,11 @@ from .search import Candidate, LatencyModel, Scorer, SearchOutcome, SearchSettin
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
+    from search_spaces import ArchConfig, BlockSpec
     from supernet.elastic import Supernet
     from supernet.run import SupernetRun
 
-__all__ = ["SearchRunConfig", "SearchResult", "NoFeasibleSubnet", "run_search", "find_luts", "load_latency_models"]
+__all__ = ["SearchRunConfig", "SearchResult", "NoFeasibleSubnet", "run_search", "find_luts", "deploy_setup", "load_latency_models"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +51,12 @@ class SearchRunConfig:
     calib_batches: int = 4
     settings: SearchSettings = field(default_factory=SearchSettings)
     mes: MesWeights = field(default_factory=MesWeights)
+    resolution: tuple[int, int] | None = None
+    task: str = "classify"
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise NasUserError(f"--task must be one of {list(TASKS)}, got {self.task!r}")
         if self.val_images < 10:
             raise NasUserError(f"--val-images must be >= 10, got {self.val_images}")
         if self.calib_batches < 1:
@@ -76,42 +82,65 @@ class _Inputs:
     budgets: Budgets
     models: dict[str, LatencyModel]
     primary: str
+    deploy: LoweringSetup
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def find_luts(folder: Path, resolution: int) -> dict[str, Path]:
-    """LUT files named ``lut-<device>-<resolution>.json`` in ``folder``, by device."""
-    out = {}
-    for p in sorted(folder.glob(f"lut-*-{resolution}.json")):
-        out[p.name[len("lut-"): -len(f"-{resolution}.json")]] = p
-    return out
+def deploy_setup(run: SupernetRun, resolution: tuple[int, int] | None, task: str) -> LoweringSetup:
+    """The setup budgets apply to: the run's, at ``resolution`` (default: the run's) and for ``task``."""
+    return run.setup.replace(resolution=resolution or run.setup.resolution, task=task)
 
 
-def load_latency_models(devices: list[str], explicit: dict[str, Path], run: SupernetRun) -> dict[str, LatencyModel]:
-    """One :class:`LatencyModel` per device from its LUT, refusing LUTs of another device, resolution or space."""
+def find_luts(folder: Path, setup: LoweringSetup) -> dict[str, Path]:
+    """LUT files named as ``nas-build-lut`` names them for ``setup`` in ``folder``, by device."""
+    from latency.lut import default_lut_path
+
+    name = default_lut_path("DEVICE", setup.resolution, task=setup.task).name
+    head, tail = name.split("DEVICE")
+    return {p.name[len(head): -len(tail)]: p for p in sorted(folder.glob(f"{head}*{tail}"))}
+
+
+def _build_hint(device: str, setup: LoweringSetup, run: SupernetRun) -> str:
+    hint = f"nas-build-lut --device {device}"
+    if setup.resolution != run.setup.resolution:
+        hint += f" --resolution {format_resolution(setup.resolution)}"
+    if setup.task != "classify":
+        hint += f" --task {setup.task}"
+    return hint
+
+
+def load_latency_models(devices: list[str], explicit: dict[str, Path], run: SupernetRun,
+                        setup: LoweringSetup | None = None) -> dict[str, LatencyModel]:
+    """One :class:`LatencyModel` per device from its LUT, refusing LUTs of another device, setup or space.
+
+    ``setup`` is the deployment the budgets apply to (default: the run's own).
+    """
     from latency import LatencyTable, predict_latency
     from latency.lut import default_lut_path
 
+    setup = setup or run.setup
+    where = format_resolution(setup.resolution) + (f", task {setup.task}" if setup.task != "classify" else "")
     models = {}
     for device in devices:
-        path = explicit.get(device) or default_lut_path(device, run.resolution)
+        path = explicit.get(device) or default_lut_path(device, setup.resolution, task=setup.task)
         if not path.is_file():
-            raise NasUserError(f"no latency LUT for device {device!r} at resolution {run.resolution} ({path}); "
-                               f"run: nas-build-lut --device {device}")
+            raise NasUserError(f"no latency LUT for device {device!r} at resolution {where} ({path}); "
+                               f"run: {_build_hint(device, setup, run)}")
         lut = LatencyTable.load(path)
-        lut.check_compatible(device=device, resolution=run.resolution, space_hash=run.space.hash)
+        lut.check_compatible(device=device, resolution=setup.resolution, space_hash=run.space.hash,
+                             task=setup.task)
         if not lut.complete:  # refuse before anything is written, not halfway through the search
             raise NasUserError(f"LUT {str(path)!r} is incomplete ({len(lut)} of {lut.expected_entries} entries, an "
-                               f"interrupted build); finish it with: nas-build-lut --device {device} (it resumes)")
+                               f"interrupted build); finish it with: {_build_hint(device, setup, run)} (it resumes)")
         models[device] = LatencyModel(device, lambda arch, lut=lut: predict_latency(arch, lut),
-                                      "predicted" if lut.predicted else "measured-lut", str(path), _sha256(path))
+                                      lut.source_label, str(path), _sha256(path))
     return models
 
 
-def _default_device(cfg: SearchRunConfig, run: SupernetRun, explicit: dict[str, Path],
+def _default_device(cfg: SearchRunConfig, run: SupernetRun, setup: LoweringSetup, explicit: dict[str, Path],
                     say: Callable[[str], None]) -> str | None:
     """``--device``, else (when a bare ``--latency`` or none is given) the device of the newest LUT here."""
     if cfg.device is not None:
@@ -119,10 +148,11 @@ def _default_device(cfg: SearchRunConfig, run: SupernetRun, explicit: dict[str, 
     bare = [v for v in cfg.latency if "=" not in v]
     if not bare and cfg.latency:
         return None
-    found = {**find_luts(Path("."), run.resolution), **explicit}
+    found = {**find_luts(Path("."), setup), **explicit}
     if not found:
-        raise NasUserError(f"no latency LUT for resolution {run.resolution} in this folder; "
-                           f"run: nas-build-lut --device DEVICE (e.g. iphone12 or local-cpu)")
+        where = format_resolution(setup.resolution) + (f" (task {setup.task})" if setup.task != "classify" else "")
+        raise NasUserError(f"no latency LUT for resolution {where} in this folder; "
+                           f"run: {_build_hint('DEVICE', setup, run)} (DEVICE: e.g. iphone12 or local-cpu)")
     # several LUTs: the one built last is the one the user just asked for
     device = max(found, key=lambda d: (found[d].stat().st_mtime_ns, d))
     others = sorted(set(found) - {device})
@@ -143,12 +173,17 @@ def _resolve(cfg: SearchRunConfig, say: Callable[[str], None]) -> _Inputs:
     else:
         run_dir = Path(cfg.supernet)
     run = load_run(run_dir)
+    setup = deploy_setup(run, cfg.resolution, cfg.task)
+    if setup != run.setup:
+        say(f"nas-search: budgets apply to the deployment at {format_resolution(setup.resolution)}"
+            + (f" as a {setup.task}" if setup.task != "classify" else "")
+            + f"; accuracy is the supernet's at its training input {format_resolution(run.setup.resolution)}")
     explicit = {LatencyTable.load(Path(item)).device: Path(item) for item in cfg.luts}
-    default_device = _default_device(cfg, run, explicit, say)
+    default_device = _default_device(cfg, run, setup, explicit, say)
     budgets = Budgets.parse(cfg.latency, default_device=default_device, max_params=cfg.max_params,
                             max_macs=cfg.max_macs)
     devices = list(dict.fromkeys([*([default_device] if default_device else []), *budgets.latency_ms]))
-    return _Inputs(run, budgets, load_latency_models(devices, explicit, run), devices[0])
+    return _Inputs(run, budgets, load_latency_models(devices, explicit, run, setup), devices[0], setup)
 
 
 def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = None,
@@ -156,7 +191,8 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
     """Find the most accurate subnet within every budget, and write ``subnet.json`` and the reports.
 
     Defaults come from the working folder: the latest finished supernet run, and the
-    ``lut-<device>-<resolution>.json`` files for that run's resolution.
+    ``lut-<device>-<resolution>.json`` files for that run's resolution (or for ``cfg.resolution``
+    and ``cfg.task``: latency, params and MACs are then those of that deployment).
 
     Raises:
         NasUserError: bad budgets, no supernet run, no or incompatible LUT.
@@ -183,7 +219,7 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
     if len(evaluator):
         say(f"nas-search: {len(evaluator)} cached accuracies in {out / 'accuracy_cache.jsonl'} will be reused")
     scorer = Scorer(space=inputs.run.space, accuracy=evaluator, latency=inputs.models, budgets=inputs.budgets,
-                    primary_device=inputs.primary, lower=net.lower, weights=cfg.mes)
+                    primary_device=inputs.primary, lower=_lowering(net, inputs.deploy), weights=cfg.mes)
     outcome = strategy.run(scorer, cfg.settings, progress=progress, storage=storage)
     outcome.evaluated = evaluator.evaluated
     outcome.stats.update(evaluated_full=evaluator.evaluated_full, evaluated_images=evaluator.evaluated_images,
@@ -194,6 +230,15 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
     sub = _subnet_file(outcome.best, cfg, inputs, net, out)
     files["subnet.json"] = sub.save(out / "subnet.json")
     return SearchResult(out, outcome.best, sub, outcome, files)
+
+
+def _lowering(net: Supernet, setup: LoweringSetup) -> Callable[[ArchConfig], tuple[BlockSpec, ...]]:
+    """``arch -> specs`` for the exact counts: the supernet's own lowering when it is the deployment."""
+    if setup == net.setup:
+        return net.lower
+    from search_spaces import lower
+
+    return lambda arch: lower(arch, setup)
 
 
 def _write_reports(out: Path, cfg: SearchRunConfig, inputs: _Inputs, outcome: SearchOutcome) -> dict[str, Path]:
@@ -237,10 +282,10 @@ def _subnet_file(best: Candidate, cfg: SearchRunConfig, inputs: _Inputs, net: Su
     """``subnet.json`` of the chosen candidate, with its figures and provenance."""
     from ._provenance import environment
 
-    run, models = inputs.run, inputs.models
+    run, models, deploy = inputs.run, inputs.models, inputs.deploy
     return SubnetFile(
-        best.arch, resolution=run.resolution, num_classes=run.num_classes, in_chans=run.in_chans,
-        distillation=net.lower(best.arch)[-1].distillation,
+        best.arch, resolution=deploy.resolution, num_classes=deploy.num_classes, in_chans=deploy.in_chans,
+        distillation=net.lower(best.arch)[-1].distillation, task=deploy.task,
         metrics={
             "params": best.params, "macs": best.macs, "proxy_accuracy": best.accuracy, "mes": best.mes,
             "latency_ms": {d: {"value": v, "source": models[d].source} for d, v in best.latency_ms.items()},

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search_spaces import SearchSpace
+from search_spaces import LoweringSetup, SearchSpace
 from search_spaces.errors import FileFormatError, NasUserError
 from search_spaces.fileio import read_json
 
@@ -50,6 +50,14 @@ class SupernetRun:
     @property
     def num_classes(self) -> int:
         return self.file.num_classes
+
+    @property
+    def setup(self) -> LoweringSetup:
+        """The lowering setup of the supernet (its training input, classes and channels, with the head)."""
+        from search_spaces.lowering import get_family, resolve_setup
+
+        return resolve_setup(get_family(self.space.family), None, num_classes=self.num_classes,
+                             resolution=self.resolution, in_chans=self.in_chans)
 
     @property
     def in_chans(self) -> int:

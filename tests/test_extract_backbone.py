@@ -115,3 +115,51 @@ def test_teacher_distillation_while_fine_tuning(work: F.Shared, tmp_path: Path) 
     assert r.returncode == 2 and "--finetune-epochs" in r.stderr and "Traceback" not in r.stderr
     r = F.cli("nas-extract", "subnet.json", "--finetune-epochs", "1", "--teacher", "nowhere", cwd=student_dir)
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_search_budgets_a_backbone_at_its_deployment_size(work: F.Shared, tmp_path: Path) -> None:
+    """The card's lines with ``--resolution HxW --task backbone``: LUT, search and extraction of a headless net."""
+    from latency import LatencyTable, predict_latency
+    from search_spaces import count_params
+    from supernet.run import load_run
+
+    d = F.copy_workdir(work.path, tmp_path / "w")
+    size = ["--resolution", "48x64", "--task", "backbone"]
+    lut = F.cli("nas-build-lut", "--device", F.DEVICE, *size, "--validate", "4", "--no-progress", cwd=d, timeout=600)
+    assert lut.returncode == 0, F.describe(lut)
+    table = LatencyTable.load(d / "lut-local-cpu-48x64-backbone.json")
+    assert table.setup.task == "backbone" and table.setup.resolution == (48, 64)
+    space = load_run(d / F.RUN).space
+    small, large = predict_latency(space.smallest(), table), predict_latency(space.largest(), table)
+    budget_ms = small + 0.4 * (large - small)
+    # without --task the classifier LUT of the run's input size is the one that counts: not this one
+    r = F.cli("nas-search", *size, "--latency", f"{budget_ms:.4f}ms", "--val-images", "40", "--calib-batches", "1",
+              "--threads", "1", cwd=d, timeout=600)
+    assert r.returncode == 0, F.describe(r)
+    assert "budgets apply to the deployment at 48x64 as a backbone" in r.stderr
+    sub = SubnetFile.load(d / "subnet.json")
+    assert sub.task == "backbone" and sub.hw == (48, 64)
+    ms = predict_latency(sub.arch, table)
+    assert ms <= budget_ms and sub.metrics["latency_ms"][F.DEVICE]["value"] == ms
+    assert sub.metrics["params"] == count_params(sub.specs())   # the headless network's parameters
+    assert sub.specs()[-1].kind != "ef2.head"
+    out, rec = _extract(d, "--no-measure")
+    model = out / "model.onnx"
+    assert rec["params"] == sub.metrics["params"]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 48, 64)).astype(np.float32)
+    outs = sess.run(None, {sess.get_inputs()[0].name: x})
+    from nas.extract import load_subnet
+
+    info = load_subnet(out).feature_info   # one map per stage, each at its reduction of 48x64
+    assert [o.shape[1:] for o in outs] == [(i["num_chs"], 48 // i["reduction"], 64 // i["reduction"]) for i in info]
+
+
+def test_search_without_a_lut_for_the_deployment_names_the_build_command(work: F.Shared, tmp_path: Path) -> None:
+    d = F.copy_workdir(work.path, tmp_path / "w")
+    r = F.cli("nas-search", "--resolution", "48x64", "--task", "backbone", "--latency", "1ms", cwd=d)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, F.describe(r)
+    assert "nas-build-lut --device DEVICE --resolution 48x64 --task backbone" in r.stderr, r.stderr
+    assert not (d / "runs" / "search").exists(), "nothing is written before the inputs are checked"
