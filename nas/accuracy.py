@@ -95,6 +95,7 @@ class AccuracyEvaluator:
                  calib_batch_size: int = 128, seed: int = 0, cache_path: str | os.PathLike[str] | None = None,
                  batch_size: int = 256, identity: str = "", prefix_cache_bytes: int | None = None) -> None:
         self.net = net.eval()
+        self.splits = splits
         n = min(val_images, len(splits.val))
         self.val = ImageSplit(splits.val.images[:n], splits.val.labels[:n], splits.val.mean, splits.val.std)
         nb = max(1, min(calib_batches, len(splits.train) // calib_batch_size))

@@ -16,7 +16,7 @@ from search_spaces import TASKS
 from search_spaces.errors import NasUserError
 from search_spaces.fileio import atomic_write_text
 
-from ._cli import NasArgumentParser, announce, int_at_least, resolution_arg, run_cli
+from ._cli import NasArgumentParser, announce, int_at_least, positive_float, resolution_arg, run_cli
 from .objectives import MesWeights
 from .search import SearchSettings, strategy_names
 from .search_run import NoFeasibleSubnet, SearchRunConfig, run_search
@@ -25,6 +25,7 @@ EPILOG = """examples:
   nas-search --latency 1.6ms --max-params 5M          defaults: latest supernet run, the one LUT here
   nas-search --device local-cpu --latency 5ms --strategy nsga2 --n-trials 200
   nas-search --latency iphone12=1.6ms --latency local-cpu=15ms --max-params 5M
+  nas-search --latency 1.6ms --max-params 5M --strategy gumbel    on an efficientformer (V1) space
   nas-search --latency 1600us --max-macs 300M --supernet runs/fmnist --lut lut-iphone12-224.json
   nas-search --resolution 512x1024 --task backbone --latency 20ms   budgets of the headless backbone at 512x1024
   several workers on one study: nas-search ... --strategy nsga2 --storage postgresql://host/db --study-name s1
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/search, and subnet.json is also copied here)")
     p.add_argument("--strategy", default=d.strategy,
                    help=f"one of {', '.join(strategy_names())}: slim is EfficientFormerV2's joint slimming, "
-                        f"nsga2 optuna's NSGA-II")
+                        f"nsga2 optuna's NSGA-II, gumbel EfficientFormer's latency-driven slimming (V1 spaces)")
     p.add_argument("--seed", type=int_at_least(0), default=d.seed)
     p.add_argument("--val-images", type=int_at_least(1), default=2000, help="validation images per accuracy estimate")
     p.add_argument("--calib-batches", type=int_at_least(1), default=4,
@@ -89,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--surrogate", action="store_true",
                    help="score trials that the accuracy predictor says cannot win with the predictor instead "
                         "of a real evaluation (default: every trial is evaluated for real)")
+    g = p.add_argument_group("gumbel", "EfficientFormer (V1)'s latency-driven slimming, for the efficientformer "
+                                       "spaces: Gumbel-softmax logits over each block's meta-path (Meta4D, Meta3D or "
+                                       "identity), expansion and the stage widths, trained through the frozen "
+                                       "supernet against the expected LUT latency and size; then discretised "
+                                       "within the budgets")
+    g.add_argument("--gumbel-steps", type=int_at_least(1), default=d.gumbel_steps,
+                   help=f"optimisation steps of the logits (default {d.gumbel_steps})")
+    g.add_argument("--gumbel-batch-size", type=int_at_least(1), default=d.gumbel_batch_size,
+                   help=f"training images per step (default {d.gumbel_batch_size})")
+    g.add_argument("--gumbel-lr", type=positive_float, default=d.gumbel_lr,
+                   help=f"Adam learning rate of the logits (default {d.gumbel_lr})")
+    g.add_argument("--gumbel-penalty", type=float, default=d.gumbel_penalty,
+                   help=f"weight of each budget's hinge on its expected cost (default {d.gumbel_penalty})")
     g = p.add_argument_group("MES = score * (latency / U_latency)^-a_latency * (params / U_params)^-a_params")
     g.add_argument("--mes-u-latency", type=float, default=m.u_latency_ms, help="U_latency in ms")
     g.add_argument("--mes-u-params", type=float, default=m.u_params, help="U_params")
@@ -109,7 +123,9 @@ def _body(args: argparse.Namespace) -> int:
                               explore=args.explore, rung_images=args.rung_images, max_combine=args.max_combine,
                               far=args.far, prefix_cache_mb=args.prefix_cache_mb, surrogate=args.surrogate,
                               n_trials=args.n_trials, population_size=args.population_size, storage=args.storage,
-                              study_name=args.study_name)
+                              study_name=args.study_name, gumbel_steps=args.gumbel_steps,
+                              gumbel_batch_size=args.gumbel_batch_size, gumbel_lr=args.gumbel_lr,
+                              gumbel_penalty=args.gumbel_penalty)
     weights = MesWeights(u_latency_ms=args.mes_u_latency, u_params=args.mes_u_params,
                          a_latency=args.mes_a_latency, a_params=args.mes_a_params)
     out = args.out or "runs/search"

@@ -22,9 +22,11 @@ latency term. This module does that on our weight-sharing supernet:
   applied (the paper's slimming of the least important paths). The result is checked against
   the budgets with the exact LUT and counts.
 
-Approximations, stated: a Meta3D block's token layout is taken from its slot (the first slot
-of the stage flattens, later ones take tokens), and the head's from the probability that any
-block of the last stage is an attention block.
+The expected costs are exact for one-hot choices (every space config, encoded with its blocks
+in the leading slots). Approximations under spread-out probabilities, stated: an attention
+block takes tokens with the probability that the slot before it holds an attention block
+(else it flattens the map itself), and the head takes tokens with the probability that any
+slot of the last stage is an attention block.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from search_spaces import ArchConfig, BlockConfig, SearchSpace, StageConfig
+from search_spaces import ArchConfig, BlockConfig, LoweringSetup, SearchSpace, StageConfig
+from search_spaces.space import StageChoices
 from search_spaces.errors import NasUserError
 from search_spaces.lowering import Carry, get_family
 
@@ -199,8 +202,10 @@ class CostTables:
 
     ``stem[w]``: the stem at stage 1's width ``w``; ``entry[i][u, w]``: stage ``i``'s entry from
     width ``u`` to ``w`` (empty for stage 0); ``blocks[i][j, w, o, e]``: slot ``j`` of stage ``i``
-    at width ``w`` with meta-path ``o`` and expansion ``e`` (0 for ``skip``); ``head[w, t]``: the
-    head at the last width, ``t`` = 1 after attention (tokens); ``offset``: a constant.
+    at width ``w`` with meta-path ``o`` and expansion ``e`` (0 for ``skip``), when the block
+    before it is not an attention block (an attention block then turns the map into tokens),
+    and ``blocks_after_attn`` the same after an attention block (it takes tokens); ``head[w, t]``:
+    the head at the last width, ``t`` = 1 after attention (tokens); ``offset``: a constant.
     """
 
     stem: torch.Tensor
@@ -208,6 +213,7 @@ class CostTables:
     blocks: list[torch.Tensor]
     head: torch.Tensor
     offset: float = 0.0
+    blocks_after_attn: list[torch.Tensor] | None = None
 
     def expected(self, logits: ArchLogits) -> torch.Tensor:
         """The cost's expectation under the categoricals' probabilities (differentiable)."""
@@ -216,7 +222,12 @@ class CostTables:
         for i in range(1, len(pw)):
             total = total + pw[i - 1] @ self.entry[i] @ pw[i]
         for i in range(len(pw)):
-            total = total + torch.einsum("w,jo,je,jwoe->", pw[i], po[i], pe[i], self.blocks[i])
+            blocks = self.blocks[i]
+            if self.blocks_after_attn is not None and blocks.shape[0] > 1:
+                # a slot's input is tokens when the slot before it holds an attention block
+                p_prev = torch.cat([torch.zeros(1), po[i][:-1, 2:].sum(-1)]).view(-1, 1, 1, 1)
+                blocks = blocks * (1 - p_prev) + self.blocks_after_attn[i] * p_prev
+            total = total + torch.einsum("w,jo,je,jwoe->", pw[i], po[i], pe[i], blocks)
         last = len(pw) - 1
         attn = po[last][:, 2:].sum(-1)
         p_tokens = 1 - torch.prod(1 - attn) if attn.numel() else torch.zeros(())
@@ -246,8 +257,9 @@ def cost_tables(logits: ArchLogits, setup: object, costs: Mapping[str, Callable[
     stem = [family.stem(with_stage(0, w, ()), setup)[0] for w in space.stages[0].widths]
     entries: list[dict[tuple[int, int], tuple]] = []
     blocks: list[dict[tuple[int, int, int, int], object]] = []
+    blocks_tok: list[dict[tuple[int, int, int, int], object]] = []
     for si, ch in enumerate(space.stages):
-        ent, blk = {}, {}
+        ent, blk, tok = {}, {}, {}
         for (ui, u), (wi, w) in itertools.product(enumerate(space.stages[si - 1].widths if si else (None,)),
                                                   enumerate(ch.widths)):
             if si:
@@ -260,9 +272,12 @@ def cost_tables(logits: ArchLogits, setup: object, costs: Mapping[str, Callable[
                 continue
             attn = op != ch.plain_mixer
             arch = with_stage(si, w, (BlockConfig(op, e),) * (j + 1))
-            blk[j, wi, oi, ei] = family.block(arch, si, j, Carry(after, w, attn and j > 0), setup)[0]
+            blk[j, wi, oi, ei] = family.block(arch, si, j, Carry(after, w, False), setup)[0]
+            tok[j, wi, oi, ei] = (family.block(arch, si, j, Carry(after, w, True), setup)[0]
+                                  if attn and j > 0 else blk[j, wi, oi, ei])
         entries.append(ent)
         blocks.append(blk)
+        blocks_tok.append(tok)
     last = space.stages[-1]
     heads = {}
     for (wi, w), t in itertools.product(enumerate(last.widths), (False, True)):
@@ -276,14 +291,17 @@ def cost_tables(logits: ArchLogits, setup: object, costs: Mapping[str, Callable[
             torch.tensor([[total(entries[si][ui, wi]) for wi in range(len(ch.widths))]
                           for ui in range(len(space.stages[si - 1].widths))])
             for si, ch in enumerate(space.stages) if si]
-        blk_t = []
-        for si, ch in enumerate(space.stages):
+        def table(si: int, ch: StageChoices, specs: dict[tuple[int, int, int, int], object]) -> torch.Tensor:
             t = torch.zeros(ch.depths[-1], len(ch.widths), len(logits.ops[si]), len(ch.expansions))
-            for (j, wi, oi, ei), spec in blocks[si].items():
+            for (j, wi, oi, ei), spec in specs.items():
                 t[j, wi, oi, ei] = cost(spec)
-            blk_t.append(t)
+            return t
+
+        blk_t = [table(si, ch, blocks[si]) for si, ch in enumerate(space.stages)]
+        tok_t = [table(si, ch, blocks_tok[si]) for si, ch in enumerate(space.stages)]
         head_t = torch.tensor([[total(heads[wi, t]) for t in (0, 1)] for wi in range(len(last.widths))])
-        out[name] = CostTables(torch.tensor([total(s) for s in stem]), ent_t, blk_t, head_t)
+        out[name] = CostTables(torch.tensor([total(s) for s in stem]), ent_t, blk_t, head_t,
+                               blocks_after_attn=tok_t)
     return out
 
 
@@ -380,11 +398,11 @@ def _train_logits(net: Supernet, logits: ArchLogits, tables: Mapping[str, CostTa
         loss.backward()
         opt.step()
         if step % 10 == 0 or step == settings.steps - 1:
-            row = {"step": step, "loss": float(loss), "task_loss": float(task), "tau": tau,
-                   **{f"expected[{n}]": float(v) for n, v in expected.items()}}
+            row = {"step": step, "loss": float(loss.detach()), "task_loss": float(task.detach()), "tau": tau,
+                   **{f"expected[{n}]": float(v.detach()) for n, v in expected.items()}}
             history.append(row)
             msg = (f"gumbel step {step}: loss {row['loss']:.4f} (task {row['task_loss']:.4f}), "
-                   + ", ".join(f"E[{n}] {float(v):.4g} (budget {budgets[n]:.4g})" for n, v in expected.items()))
+                   + ", ".join(f"E[{n}] {float(v.detach()):.4g} (budget {budgets[n]:.4g})" for n, v in expected.items()))
             (progress or logger.info)(msg)
     return history
 
@@ -425,7 +443,7 @@ def _discretise(logits: ArchLogits, violations: Callable[[ArchConfig], Mapping[s
 def gumbel_slim(net: Supernet, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *,
                 costs: Mapping[str, Callable[[object], float]], budgets: Mapping[str, float],
                 violations: Callable[[ArchConfig], Mapping[str, float]], settings: GumbelSettings = GumbelSettings(),
-                progress: Callable[[str], None] | None = None) -> GumbelResult:
+                setup: LoweringSetup | None = None, progress: Callable[[str], None] | None = None) -> GumbelResult:
     """Learn the architecture logits of ``net``'s space, then discretise within the budgets.
 
     Args:
@@ -438,6 +456,7 @@ def gumbel_slim(net: Supernet, batches: Callable[[int], tuple[torch.Tensor, torc
         violations: ``arch -> relative excess per budget`` (``> 0`` is over), from the exact LUT
             predictions and counts, for the discretisation.
         settings: see :class:`GumbelSettings`.
+        setup: the setup the costs are for (a LUT's; default: the supernet's own).
         progress: receives one line per logged step.
 
     Raises:
@@ -446,7 +465,7 @@ def gumbel_slim(net: Supernet, batches: Callable[[int], tuple[torch.Tensor, torc
     if net.space.family not in ("efficientformer", "efficientformer_v2"):
         raise NasUserError(f"--strategy gumbel needs an EfficientFormer space, not {net.space.family!r}")
     logits = ArchLogits(net.space)
-    tables = cost_tables(logits, net.setup, costs)
+    tables = cost_tables(logits, setup or net.setup, costs)
     buffers = {k: v.detach().clone() for k, v in net.named_buffers()}
     grad_flags = [p.requires_grad for p in net.parameters()]
     was_training = net.training

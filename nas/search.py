@@ -26,6 +26,8 @@ from .objectives import Budgets, MesWeights, mes
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
+    from latency import LatencyTable
+
 __all__ = ["Candidate", "LatencyModel", "SearchSettings", "SearchOutcome", "Scorer", "SearchStrategy",
            "register_strategy", "get_strategy", "strategy_names", "pareto_front", "best_feasible",
            "arch_from_params"]
@@ -46,6 +48,7 @@ class LatencyModel:
         source: ``measured-lut`` or ``predicted`` (an analytical prior, never shown as measured).
         lut_path: the LUT file.
         lut_sha256: its checksum, for provenance.
+        table: the LUT itself (strategies that need block figures, e.g. ``gumbel``).
     """
 
     device: str
@@ -53,6 +56,7 @@ class LatencyModel:
     source: str
     lut_path: str = ""
     lut_sha256: str = ""
+    table: LatencyTable | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,10 @@ class SearchSettings:
             candidates that share its leading blocks.
         surrogate: nsga2: after the first population, trials whose predicted accuracy cannot beat
             the best real one are scored by the predictor instead of a real evaluation (off by default).
+        gumbel_steps: gumbel: optimisation steps of the architecture logits.
+        gumbel_batch_size: gumbel: training images per step.
+        gumbel_lr: gumbel: Adam learning rate of the logits.
+        gumbel_penalty: gumbel: weight of each budget's hinge on its expected cost.
         n_trials: nsga2: complete trials in total (a rerun resumes the study).
         population_size: nsga2: NSGA-II population.
         storage: nsga2: optuna storage URL (``None``: SQLite in the output folder).
@@ -171,6 +179,10 @@ class SearchSettings:
     far: float = 0.25
     prefix_cache_mb: int = 1024
     surrogate: bool = False
+    gumbel_steps: int = 120
+    gumbel_batch_size: int = 64
+    gumbel_lr: float = 0.05
+    gumbel_penalty: float = 2.0
     n_trials: int = 60
     population_size: int = 16
     storage: str | None = None
@@ -182,10 +194,16 @@ class SearchSettings:
             raise NasUserError(f"--strategy must be one of {names}, got {self.strategy!r}")
         for name, low in (("max_actions", 0), ("extra_steps", 0), ("n_trials", 1), ("population_size", 2),
                           ("top_k", 1), ("explore", 0), ("rung_images", 1), ("max_combine", 1),
-                          ("prefix_cache_mb", 0)):
+                          ("prefix_cache_mb", 0), ("gumbel_steps", 1), ("gumbel_batch_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise NasUserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        for name, low in (("gumbel_lr", 0.0), ("gumbel_penalty", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low or (name == "gumbel_lr" and value == 0):
+                raise NasUserError(f"--{name.replace('_', '-')} must be a finite number "
+                                   f"{'> 0' if name == 'gumbel_lr' else '>= 0'}, got {value!r}")
         if not (isinstance(self.far, (int, float)) and math.isfinite(self.far) and self.far >= 0):
             raise NasUserError(f"--far must be a finite number >= 0 (a fraction over budget), got {self.far!r}")
 
@@ -208,6 +226,9 @@ class SearchStrategy(Protocol):
     Attributes:
         name: the registry name (``--strategy``).
         uses_study: whether :meth:`run` needs an optuna ``storage`` (a study that resumes).
+
+    A strategy may also define ``check(space)``, raising :class:`NasUserError` for a space it
+    cannot search; ``run_search`` calls it before anything is written.
     """
 
     name: str

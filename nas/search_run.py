@@ -136,7 +136,7 @@ def load_latency_models(devices: list[str], explicit: dict[str, Path], run: Supe
             raise NasUserError(f"LUT {str(path)!r} is incomplete ({len(lut)} of {lut.expected_entries} entries, an "
                                f"interrupted build); finish it with: {_build_hint(device, setup, run)} (it resumes)")
         models[device] = LatencyModel(device, lambda arch, lut=lut: predict_latency(arch, lut),
-                                      lut.source_label, str(path), _sha256(path))
+                                      lut.source_label, str(path), _sha256(path), lut)
     return models
 
 
@@ -205,6 +205,9 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
     say = notify or logger.info
     inputs = _resolve(cfg, say)
     strategy = get_strategy(cfg.settings.strategy)
+    check = getattr(strategy, "check", None)   # a strategy may refuse a space before anything is written
+    if check is not None:
+        check(inputs.run.space)
     net = load_supernet(inputs.run)
     splits = load_run_splits(inputs.run)
     storage = _storage(cfg.settings.storage) if strategy.uses_study and cfg.settings.storage else None
