@@ -1,7 +1,7 @@
 """Exact parameter and MAC counting (``search_spaces.counting``) checked against torch.
 
 The pure-Python counts must equal the published parameter counts of every preset
-(DESIGN.md section 3) and torch's own counts of the built models: ``sum(p.numel())`` for
+(../shared/DESIGN.md, section 3) and torch's own counts of the built models: ``sum(p.numel())`` for
 parameters and ``FlopCounterMode`` for MACs (it counts conv, linear and matmul FLOPs as
 2 x MACs, which is exactly our MAC convention). Models are built on the meta device, so
 even EfficientFormer-L7 costs no memory and no arithmetic.

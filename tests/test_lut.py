@@ -299,7 +299,7 @@ def test_iphone12_prior_leave_one_out() -> None:
     assert all(c >= 0 for c in prior.coefficients)
     print(f"\niPhone 12 prior: LOO MAPE {prior.loo_mape:.4f} (max {prior.loo_max_ape:.4f}); "
           f"MACs + const only: {fit_prior(features=('macs', 'const')).loo_mape:.4f}")
-    assert prior.loo_mape < 0.10  # DESIGN.md section 8: 8.1% is achievable; MACs alone 10.7%
+    assert prior.loo_mape < 0.10  # the shared reference facts: 8.1% is achievable; MACs alone 10.7%
     assert fit_prior(features=("macs", "const")).loo_mape == pytest.approx(0.107, abs=0.002)
     s0 = lower(__import__("search_spaces").get_preset("efficientformerv2_s0"), resolution=224)
     assert prior.network_ms(s0) == pytest.approx(prior.fit_ms["efficientformerv2_s0"])

@@ -40,7 +40,7 @@ SPACES = [
     ("efficientformer_demo", 32, 1),
 ]
 
-#: Presets each default space must contain (DESIGN.md section 3).
+#: Presets each default space must contain (the reference facts in ../shared/DESIGN.md, section 3).
 EXPECTED_PRESETS = {
     "efficientformer_v2": {"efficientformerv2_s0", "efficientformerv2_s1", "efficientformerv2_s2", "efficientformerv2_l"},
     "efficientformer": {"efficientformer_l1", "efficientformer_l3", "efficientformer_l7"},
