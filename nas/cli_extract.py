@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/extract-<arch hash>)")
     p.add_argument("--finetune-epochs", type=int_at_least(0), default=0, help="fine-tune the extracted model (default 0)")
     p.add_argument("--finetune-lr", type=positive_float, default=5e-4, help="fine-tuning learning rate (default 5e-4)")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seed of the fine-tuning's initial state and data order (default 0): repeat a fine-tuning "
+                        "with several seeds to see its spread")
     p.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")
     p.add_argument("--no-measure", action="store_true", help="skip the local-cpu latency measurement")
     p.add_argument("--features-only", action="store_true",
@@ -45,7 +48,8 @@ def _body(args: argparse.Namespace) -> int:
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     r = extract(args.subnet, supernet=args.supernet, out=args.out, finetune_epochs=args.finetune_epochs,
                 finetune_lr=args.finetune_lr, formats=formats, measure=not args.no_measure,
-                features_only=args.features_only, teacher=args.teacher, notify=announce, progress=announce)
+                features_only=args.features_only, teacher=args.teacher, seed=args.seed, notify=announce,
+                progress=announce)
     m = r.metrics
     print(f"extracted model: {r.out}" + (f" ({m['deployed_as']})" if "deployed_as" in m else ""))
     print(f"  params {m['params']:,}; val accuracy {100 * m['val_accuracy_inherited']:.2f}% (inherited)"

@@ -101,7 +101,7 @@ def _extract_checked(net: Supernet, sub: SubnetFile, calib: list[torch.Tensor], 
 
 def _train_and_score(model: StaticNet, splits: DatasetSplits, calib: list[torch.Tensor], metrics: dict[str, Any], *,
                      finetune_epochs: int, finetune_lr: float, teacher: torch.nn.Module | None,
-                     progress: Callable[[str], None] | None) -> StaticNet:
+                     progress: Callable[[str], None] | None, seed: int = 0) -> StaticNet:
     """Recalibrate BN, score on validation, optionally fine-tune (from a teacher), score on test."""
     from supernet.bn import evaluate, recalibrate_bn
     from supernet.data import make_loader
@@ -112,12 +112,13 @@ def _train_and_score(model: StaticNet, splits: DatasetSplits, calib: list[torch.
     metrics["val_accuracy_inherited"] = evaluate(model, val)
     if finetune_epochs:
         recipe = StaticRecipe(epochs=finetune_epochs, lr=finetune_lr, min_lr=finetune_lr / 100, warmup_epochs=0.25,
-                              seed=1000, channels_last=False)
-        torch.manual_seed(0)
+                              seed=1000 + seed, channels_last=False)
+        torch.manual_seed(seed)
         train_static(model, splits, recipe, teacher=teacher, progress=progress, label="fine-tune")
         model.eval()
         metrics["val_accuracy_finetuned"] = evaluate(model, val)
         metrics["finetune_epochs"] = finetune_epochs
+        metrics["finetune_seed"] = seed
         if teacher is not None:
             metrics["teacher"] = "hard distillation" + (" through head_dist" if model.has_dist_head else "")
     metrics["test_accuracy"] = evaluate(model, make_loader(splits.test, batch_size=256, shuffle=False, seed=0))
@@ -144,7 +145,7 @@ def _deployable(model: StaticNet, sub: SubnetFile, metrics: dict[str, Any],
 
 def extract(subnet_path: str | Path, *, supernet: str | None = None, out: str | Path | None = None,
             finetune_epochs: int = 0, finetune_lr: float = 5e-4, formats: tuple[str, ...] = FORMATS,
-            measure: bool = True, features_only: bool = False, teacher: str | None = None,
+            measure: bool = True, features_only: bool = False, teacher: str | None = None, seed: int = 0,
             notify: Callable[[str], None] | None = None,
             progress: Callable[[str], None] | None = None) -> ExtractResult:
     """Extract, check, optionally fine-tune, export and measure the subnet of ``subnet_path``.
@@ -159,6 +160,7 @@ def extract(subnet_path: str | Path, *, supernet: str | None = None, out: str | 
         measure: measure the local-cpu latency.
         features_only: deploy a backbone without the head, whatever ``subnet.json`` says.
         teacher: an extracted model folder or ``PRESET=WEIGHTS`` to distil from while fine-tuning.
+        seed: seed of the fine-tuning (initial state and data order).
         notify: receives each default chosen for the user.
         progress: receives progress lines.
 
@@ -192,7 +194,7 @@ def extract(subnet_path: str | Path, *, supernet: str | None = None, out: str | 
     metrics: dict[str, Any] = {}
     model = _extract_checked(net, sub, calib, metrics, say)
     model = _train_and_score(model, splits, calib, metrics, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
-                             teacher=teacher_model, progress=progress)
+                             teacher=teacher_model, progress=progress, seed=seed)
     model = _deployable(model, sub, metrics, say)
     metrics["params"] = sum(p.numel() for p in model.parameters())   # as deployed (a backbone has no head)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,10 @@ latency term. This module does that on our weight-sharing supernet:
   budget;
 * after training, the most probable architecture is taken and, while it misses a budget, the
   single change of one choice that buys the most budget per unit of log-probability lost is
-  applied (the paper's slimming of the least important paths). The result is checked against
-  the budgets with the exact LUT and counts.
+  applied (the paper's slimming of the least important paths); then, while a change towards a
+  larger network keeps every budget, the most probable such change is applied, so a loose
+  budget is not left unused. Every step is checked against the budgets with the exact LUT and
+  counts.
 
 The expected costs are exact for one-hot choices (every space config, encoded with its blocks
 in the leading slots). Approximations under spread-out probabilities, stated: an attention
@@ -172,25 +174,30 @@ class ArchLogits(nn.Module):
         arch = ArchConfig(s.family, tuple(stages), s.stem_stride, s.head_widths, s.head_dim)
         return s.check(arch), sources
 
-    def moves(self, c: Choices) -> list[tuple[str, Choices]]:
+    def moves(self, c: Choices, *, grow: bool = False) -> list[tuple[str, Choices]]:
         """Every single-choice change towards a smaller network: a narrower width, a slot skipped
-        or turned from attention to plain, a lower expansion."""
+        or turned from attention to plain, a lower expansion; with ``grow``, towards a larger one
+        (the same changes the other way)."""
         out = []
         for si, ch in enumerate(self.space.stages):
-            if c.widths[si] > 0:
+            w_new = c.widths[si] + (1 if grow else -1)
+            if 0 <= w_new < len(ch.widths):
                 w = list(c.widths)
-                w[si] -= 1
-                out.append((f"s{si + 1}.width -> {ch.widths[w[si]]}", Choices(tuple(w), c.ops, c.expansions)))
+                w[si] = w_new
+                out.append((f"s{si + 1}.width -> {ch.widths[w_new]}", Choices(tuple(w), c.ops, c.expansions)))
             for j, op in enumerate(c.ops[si]):
-                for new in range(1 if j < ch.depths[0] else 0, op):  # skip < plain < attention mixers
+                lowest = 1 if j < ch.depths[0] else 0
+                targets = range(op + 1, len(self.ops[si])) if grow else range(lowest, op)
+                for new in targets:  # skip < plain < attention mixers
                     ops = [list(row) for row in c.ops]
                     ops[si][j] = new
                     out.append((f"s{si + 1}.slot {j + 1} {self.ops[si][op]} -> {self.ops[si][new]}",
                                 Choices(c.widths, tuple(tuple(r) for r in ops), c.expansions)))
-                if c.expansions[si][j] > 0:
+                e_new = c.expansions[si][j] + (1 if grow else -1)
+                if 0 <= e_new < len(ch.expansions):
                     exps = [list(row) for row in c.expansions]
-                    exps[si][j] -= 1
-                    out.append((f"s{si + 1}.slot {j + 1} expansion -> {ch.expansions[exps[si][j]]}",
+                    exps[si][j] = e_new
+                    out.append((f"s{si + 1}.slot {j + 1} expansion -> {ch.expansions[e_new]}",
                                 Choices(c.widths, c.ops, tuple(tuple(r) for r in exps))))
         return out
 
@@ -437,7 +444,37 @@ def _discretise(logits: ArchLogits, violations: Callable[[ArchConfig], Mapping[s
         path.append({"step": len(path), "move": name, "arch": arch.to_string(), "excess": current,
                      "log_prob": logits.log_prob(choices)})
         (progress or logger.info)(f"gumbel discretise: {name} -> over budget by {current:.4f}")
+    if current <= 0:
+        arch, choices = _fill(logits, violations, arch, choices, path, progress)
     return arch, choices, current <= 0, path
+
+
+def _fill(logits: ArchLogits, violations: Callable[[ArchConfig], Mapping[str, float]], arch: ArchConfig,
+          choices: Choices, path: list[dict[str, object]], progress: Callable[[str], None] | None
+          ) -> tuple[ArchConfig, Choices]:
+    """Spend what the budgets leave: while a change towards a larger network keeps every budget,
+    apply the one the logits rate most probable.
+
+    The hinge only pushes down, and the most probable choice of each independent categorical can
+    land well under the budgets; left there, a loose budget would go unused.
+    """
+    seen = {arch.hash}
+    while True:
+        best, best_lp = None, -math.inf
+        for name, cand in logits.moves(choices, grow=True):
+            cand_arch, _ = logits.decode(cand)
+            if cand_arch.hash in seen or any(v > 0 for v in violations(cand_arch).values()):
+                continue
+            lp = logits.log_prob(cand)
+            if lp > best_lp:
+                best, best_lp = (name, cand, cand_arch), lp
+        if best is None:
+            return arch, choices
+        name, choices, arch = best
+        seen.add(arch.hash)
+        path.append({"step": len(path), "move": f"fill: {name}", "arch": arch.to_string(), "excess": 0.0,
+                     "log_prob": best_lp})
+        (progress or logger.info)(f"gumbel fill: {name} (within every budget)")
 
 
 def gumbel_slim(net: Supernet, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *,

@@ -271,3 +271,12 @@ def test_flag_finetune_epochs_changes_the_weights_and_reports_accuracy(searched:
     x = torch.randn(8, 3, F.RESOLUTION, F.RESOLUTION, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (model(x) - net(x, arch)).abs().max() > 1e-3
+    # --seed: another seed, another fine-tuning; the default seed is 0
+    assert m["finetune_seed"] == 0
+    r1 = F.cli("nas-extract", "subnet.json", "--finetune-epochs", "1", "--seed", "1", "--formats", "safetensors",
+               "--no-measure", "--out", "runs/ft-seed1", cwd=d)
+    assert r1.returncode == 0, F.describe(r1)
+    assert json.loads((d / "runs" / "ft-seed1" / "extract.json").read_text())["metrics"]["finetune_seed"] == 1
+    other = load_subnet(d / "runs" / "ft-seed1").train()
+    with torch.no_grad():
+        assert (other(x) - model(x)).abs().max() > 1e-4
