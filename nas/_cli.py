@@ -58,6 +58,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seconds_arg(text: str) -> float:
+    """argparse type of a duration in seconds: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected finite seconds >= 0, got {text!r}")
+    return value
+
+
 def resolution_arg(text: str) -> tuple[int, int]:
     """argparse type of ``--resolution``: ``224`` (square) or ``512x1024`` (height x width)."""
     from search_spaces import parse_resolution

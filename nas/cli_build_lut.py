@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from search_spaces import TASKS, LoweringSetup, SearchSpace, get_space, list_spaces, parse_resolution, resolution_json
 from search_spaces.errors import NasUserError
 
-from ._cli import NasArgumentParser, announce, int_at_least, resolution_arg, run_cli
+from ._cli import NasArgumentParser, announce, int_at_least, resolution_arg, run_cli, seconds_arg
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -82,16 +82,6 @@ notes:
 """
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected finite seconds >= 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = NasArgumentParser(prog=PROG, description=__doc__.replace("``", ""), epilog=EPILOG)
     dev = p.add_argument_group("device")
@@ -131,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "are stored")
     out.add_argument("--jobs", type=int_at_least(1), metavar="N",
                      help="export worker processes (default: CPU count, max 8; 1 for small builds)")
-    out.add_argument("--checkpoint-every", type=_seconds, default=5.0, metavar="SECONDS",
+    out.add_argument("--checkpoint-every", type=seconds_arg, default=5.0, metavar="SECONDS",
                      help="save the partial LUT at least this often (default 5)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
