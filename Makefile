@@ -14,7 +14,7 @@ apt_install = $(APT_GET) install -y $(1) || { $(APT_GET) update && $(APT_GET) in
 # PostgreSQL's server programs (Debian keeps them off PATH); the tests start a throwaway server
 PG_INITDB := /usr/lib/postgresql/*/bin/initdb
 
-.PHONY: demo test bench dataset postgresql install clean
+.PHONY: demo test bench bench-quick dataset postgresql install clean
 
 install: $(STAMP)
 
@@ -46,6 +46,9 @@ demo: install dataset
 
 bench: install dataset
 	$(BIN)/python experiments/run_all.py
+
+bench-quick: install dataset
+	$(BIN)/python experiments/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) runs demo

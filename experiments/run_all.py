@@ -1,11 +1,16 @@
 """``make bench``: run every benchmark, write ``experiments/results/*.json`` and the README's results table.
 
 Order: the demo pipeline (reused when finished), the supernet step benchmark, the LUT build and
-fidelity benchmark, the search benchmark and the preset check. Each writes its JSON; this script
-then renders ``experiments/results/summary.md`` and copies it into README.md between the
+fidelity benchmark, the search benchmark, the preset check, and the evidence that the search pays:
+rank fidelity (``ranking``), baselines at equal budgets with teacher distillation (``baselines``)
+and V1 latency-driven slimming against greedy slimming (``gumbel``). Each writes its JSON; this
+script then renders ``experiments/results/summary.md`` and copies it into README.md between the
 ``<!-- results:start -->`` and ``<!-- results:end -->`` markers.
 
-    python experiments/run_all.py [--skip NAME ...] [--summary-only]
+``--quick`` passes ``--quick`` to the three evidence benchmarks (each <= 15 minutes on 2 cores);
+their full modes take hours on CPU.
+
+    python experiments/run_all.py [--quick] [--only NAME ...] [--skip NAME ...] [--summary-only]
 """
 from __future__ import annotations
 
@@ -25,7 +30,12 @@ BENCHES = {
     "lut": ["experiments/bench_lut.py"],
     "search": ["experiments/bench_search.py", "--work", "demo", "--json", "experiments/results/search.json"],
     "presets": ["experiments/check_presets.py", "--json", "experiments/results/presets.json"],
+    "ranking": ["experiments/bench_ranking.py"],
+    "baselines": ["experiments/bench_baselines.py"],
+    "gumbel": ["experiments/bench_gumbel.py"],
 }
+#: the benchmarks that take --quick
+QUICK = ("ranking", "baselines", "gumbel")
 
 
 def _load(name: str) -> dict | None:
@@ -94,6 +104,7 @@ def render() -> str:
                          f"{v['measured_ms']:.3f} ms {'within' if v['measured_within_budget'] else 'OVER'} the budget; "
                          f"{c['wall_s']:.0f} s, {c['candidates_per_min']:.1f} candidates/min.")
         lines.append("")
+    lines += _evidence()
     pr = _load("presets")
     if pr:
         ok = all(r.get("match", False) for r in pr.get("rows", []))
@@ -103,16 +114,72 @@ def render() -> str:
     return "\n".join(lines)
 
 
+def _mode(d: dict) -> str:
+    settings = d.get("settings", {})
+    mode = settings.get("mode") or ("quick" if d.get("quick", settings.get("quick")) else "full")
+    return "full" if mode == "full" else f"`--{mode}`"
+
+
+def _evidence() -> list[str]:
+    """The evidence benchmarks: their tables and their verdicts, in plain words."""
+    lines: list[str] = []
+    rk = _load("ranking")
+    if rk:
+        lines += [f"**Rank fidelity** ({_mode(rk)} mode, {len(rk['rows'])} subnets stratified by LUT latency, "
+                  f"{rk['seeds']} standalone seeds, {rk['epochs']} epoch(s), {rk['seconds'] / 60:.0f} min): "
+                  f"bootstrap 95% intervals; scatter plot `experiments/results/{rk['plot']}`.", "",
+                  "| against standalone accuracy | Kendall tau | Spearman |", "|---|---|---|"]
+        for name, st in rk["stats"].items():
+            k, s_ = st["kendall"], st["spearman"]
+            lines.append(f"| {name.replace('_', ' ')} | {k[0]:.3f} [{k[1]:.3f}, {k[2]:.3f}] | "
+                         f"{s_[0]:.3f} [{s_[1]:.3f}, {s_[2]:.3f}] |")
+        lines.append("")
+    bl = _load("baselines")
+    if bl:
+        lines += [f"**Baselines at equal budgets** ({_mode(bl)} mode; fine-tuned test accuracy, mean ± std over seeds "
+                  f"{bl['seeds'] if isinstance(bl['seeds'], list) else bl['settings'].get('seeds')}; "
+                  f"measured latency: ORT, 1 thread):", "",
+                  "| budget | method | params | LUT ms | measured ms | proxy | fine-tuned test |",
+                  "|---|---|---|---|---|---|---|"]
+        for b in bl["budgets"]:
+            for name, pk in b["picks"].items():
+                if not pk.get("arch"):
+                    lines.append(f"| {b['label']} | {name} | - | - | - | - | nothing feasible |")
+                    continue
+                ft = pk.get("test_mean")
+                lines.append(f"| {b['label']} | {name} | {pk['params']:,} | {pk['lut_ms']:.3f} | "
+                             f"{pk.get('measured_ms', float('nan')):.3f} | {100 * pk['proxy']:.2f}% | "
+                             + (f"{100 * ft:.2f} ± {100 * (pk.get('test_std') or 0):.2f}% |" if ft is not None
+                                else "- |"))
+        lines += ["", *(f"- {v}" for v in bl["verdicts"]), ""]
+    te = _load("teacher")
+    if te:
+        w, wo = te["with_teacher"], te["without_teacher"]
+        lines += [f"**Teacher distillation** ({_mode(te)} mode): student fine-tuned "
+                  f"{100 * wo['test_mean']:.2f} ± {100 * wo['test_std']:.2f}% without a teacher, "
+                  f"{100 * w['test_mean']:.2f} ± {100 * w['test_std']:.2f}% with one (test accuracy).", "",
+                  *(f"- {v}" for v in te["verdicts"]), ""]
+    gu = _load("gumbel")
+    if gu:
+        lines += [f"**Gumbel (V1 latency-driven slimming) vs slim** on `efficientformer_demo` ({_mode(gu)} mode):", ""]
+        lines += [*(f"- {v}" for v in gu["verdicts"]), ""]
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip", nargs="*", default=[], choices=sorted(BENCHES))
+    p.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
+    p.add_argument("--quick", action="store_true", help=f"quick modes of {', '.join(QUICK)} (<= 15 min each)")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         for name, cmd in BENCHES.items():
-            if name in args.skip or not (ROOT / cmd[0]).is_file():
+            if name in args.skip or (args.only and name not in args.only) or not (ROOT / cmd[0]).is_file():
                 continue
+            if args.quick and name in QUICK:
+                cmd = [*cmd, "--quick"]
             print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
             rc = subprocess.call([sys.executable, *cmd], cwd=ROOT)
             if rc != 0:
