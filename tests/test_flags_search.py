@@ -280,3 +280,39 @@ def test_flag_finetune_epochs_changes_the_weights_and_reports_accuracy(searched:
     other = load_subnet(d / "runs" / "ft-seed1").train()
     with torch.no_grad():
         assert (other(x) - model(x)).abs().max() > 1e-4
+
+
+# ============================================================================ the fast path's flags, --lut, --supernet
+def test_fast_path_flags_shape_each_step(work: F.Shared, tmp_path: Path) -> None:
+    """--top-k/--explore cap the actions evaluated per step, --max-combine 1 applies one action per step,
+    --rung-images sets the first halving rung, --lut/--supernet name the inputs instead of the defaults."""
+    d = F.copy_workdir(work.path, tmp_path / "w")
+    b = F.binding_budget(work)
+    r = F.cli("nas-search", "--latency", b.latency_text, "--max-params", b.params_text, "--top-k", "2",
+              "--explore", "0", "--rung-images", "32", "--max-combine", "1", "--far", "0.5", "--prefix-cache-mb", "0",
+              "--lut", F.LUT_NAME, "--supernet", F.RUN, "--calib-batches", "1", "--val-images", "64", "--threads", "1",
+              "--extra-steps", "0", "--out", "runs/fast", cwd=d)
+    assert r.returncode == 0, F.describe(r)
+    assert "using the latest supernet run" not in r.stderr and "using device" not in r.stderr   # both were named
+    summary = json.loads((d / "runs" / "fast" / "search.json").read_text())
+    s = summary["settings"]
+    assert (s["top_k"], s["explore"], s["rung_images"], s["max_combine"], s["far"], s["prefix_cache_mb"]) == \
+        (2, 0, 32, 1, 0.5, 0)
+    assert summary["rungs"].split(",")[0] == "32" and summary["rungs"].split(",")[-1] == "64"
+    with open(d / "runs" / "fast" / "path.csv", newline="") as fh:
+        path = list(csv.DictReader(fh))
+    steps = len(path) - 1
+    assert steps >= 2 and all(" + " not in row["action"] for row in path)   # one action per step
+    # once the predictor has its warm-up sample, a step evaluates only --top-k + --explore of its actions
+    assert summary["actions_evaluated"] < summary["actions_considered"]
+
+
+def test_flag_surrogate_lets_the_predictor_score_trials(work: F.Shared, tmp_path: Path) -> None:
+    d = F.copy_workdir(work.path, tmp_path / "w")
+    b = F.binding_budget(work)
+    r = F.cli("nas-search", "--latency", b.latency_text, "--strategy", "nsga2", "--n-trials", "16",
+              "--population-size", "4", "--surrogate", *CHEAP, "--out", "runs/sur", cwd=d)
+    assert r.returncode == 0, F.describe(r)
+    summary = json.loads((d / "runs" / "sur" / "search.json").read_text())
+    assert summary["settings"]["surrogate"] is True
+    assert summary["mode"] == "surrogate" and summary["trials"] == 16 and "trials_predicted" in summary

@@ -89,7 +89,7 @@ def test_gumbel_search_as_typed_honours_both_budgets(v1: Path, tmp_path: Path) -
     budget_ms, budget_params = lo + 0.4 * (hi - lo), int(p_lo + 0.5 * (p_hi - p_lo))
     weights = (d / F.RUN / "supernet.safetensors").read_bytes()
     r = F.cli("nas-search", "--latency", f"{budget_ms:.4f}ms", "--max-params", str(budget_params),
-              "--strategy", "gumbel", "--gumbel-steps", "25", "--val-images", "100", "--calib-batches", "1",
+              "--strategy", "gumbel", "--gumbel-steps", "25", "--gumbel-lr", "0.08", "--gumbel-penalty", "3", "--val-images", "100", "--calib-batches", "1",
               "--threads", "1", cwd=d, timeout=600)
     assert r.returncode == 0, F.describe(r)
     assert "Traceback" not in r.stderr
@@ -100,6 +100,7 @@ def test_gumbel_search_as_typed_honours_both_budgets(v1: Path, tmp_path: Path) -
     assert sub.provenance["search"]["strategy"] == "gumbel"
     summary = json.loads((d / "runs" / "search" / "search.json").read_text())
     assert summary["mode"] == "gumbel" and summary["settings"]["gumbel_steps"] == 25
+    assert (summary["settings"]["gumbel_lr"], summary["settings"]["gumbel_penalty"]) == (0.08, 3.0)
     assert summary["expected[params]"] > 0 and f"expected[latency:{F.DEVICE}]" in summary
     with open(d / "runs" / "search" / "path.csv", newline="") as fh:
         path = list(csv.DictReader(fh))
