@@ -51,4 +51,4 @@ bench-quick: install dataset
 	$(BIN)/python experiments/run_all.py --quick
 
 clean:
-	rm -rf $(VENV) runs demo demo-v1
+	rm -rf $(VENV) runs demo demo-v1 demo-quick
