@@ -22,21 +22,22 @@ from search_spaces.space import build_stage
 
 
 # ============================================================================ registry
-def test_registry_holds_slim_and_nsga2_behind_one_protocol() -> None:
-    assert strategy_names() == ["nsga2", "slim"]
+def test_registry_holds_the_strategies_behind_one_protocol() -> None:
+    assert strategy_names() == ["gumbel", "nsga2", "slim"]
     for name in strategy_names():
         strategy = get_strategy(name)
         assert strategy.name == name
         assert isinstance(strategy.uses_study, bool)
         assert callable(strategy.run)
     assert get_strategy("nsga2").uses_study and not get_strategy("slim").uses_study
+    assert not get_strategy("gumbel").uses_study and callable(get_strategy("gumbel").check)
 
 
 @pytest.mark.parametrize("bad", ["greedy", "", "SLIM", "nsga"])
 def test_unknown_strategy_lists_the_known_names(bad: str) -> None:
-    with pytest.raises(NasUserError, match=r"--strategy must be one of \['nsga2', 'slim'\], got"):
+    with pytest.raises(NasUserError, match=r"--strategy must be one of \['gumbel', 'nsga2', 'slim'\], got"):
         get_strategy(bad)
-    with pytest.raises(NasUserError, match=r"one of \['nsga2', 'slim'\]"):
+    with pytest.raises(NasUserError, match=r"one of \['gumbel', 'nsga2', 'slim'\]"):
         SearchSettings(strategy=bad)
 
 
