@@ -265,7 +265,11 @@ def _check_study(url: str, killed: dict[str, Any], logs: dict[str, Path], procs:
             assert n not in seen, f"trial {n} was reported by worker {seen[n]} and worker {name}"
             seen[n] = name
     assert set(seen) - {z} == set(complete), "the COMPLETE trials are exactly those the workers reported"
-    assert reported["b"] and reported[final_a], f"both surviving workers must run trials: {reported}"
+    # B must have run trials. The restarted worker may find the study finished when it connects (B alone can
+    # complete it while the restart imports torch and loads the supernet): its rejoining is checked by its
+    # exit code and its reuse of the folder's accuracy cache, asserted by the caller.
+    assert reported["b"], f"worker B ran no trials: {reported}"
+    assert reported[final_a] or len(complete) >= N_TRIALS, f"the restarted worker left the study short: {reported}"
 
     # every trial A had completed before the kill is still there, unchanged
     before = killed["done_before"]
