@@ -114,6 +114,11 @@ def render() -> str:
     return "\n".join(lines)
 
 
+def _pm(mean: float, std: float | None) -> str:
+    """A fraction's mean and spread as percentages: ``61.18 ± 0.98%``."""
+    return f"{100 * mean:.2f} ± {100 * (std or 0):.2f}%"
+
+
 def _mode(d: dict) -> str:
     settings = d.get("settings", {})
     mode = settings.get("mode") or ("quick" if d.get("quick", settings.get("quick")) else "full")
@@ -149,15 +154,14 @@ def _evidence() -> list[str]:
                 ft = pk.get("test_mean")
                 lines.append(f"| {b['label']} | {name} | {pk['params']:,} | {pk['lut_ms']:.3f} | "
                              f"{pk.get('measured_ms', float('nan')):.3f} | {100 * pk['proxy']:.2f}% | "
-                             + (f"{100 * ft:.2f} ± {100 * (pk.get('test_std') or 0):.2f}% |" if ft is not None
-                                else "- |"))
+                             + (f"{_pm(ft, pk.get('test_std'))} |" if ft is not None else "- |"))
         lines += ["", *(f"- {v}" for v in bl["verdicts"]), ""]
     te = _load("teacher")
     if te:
         w, wo = te["with_teacher"], te["without_teacher"]
         lines += [f"**Teacher distillation** ({_mode(te)} mode): student fine-tuned "
-                  f"{100 * wo['test_mean']:.2f} ± {100 * wo['test_std']:.2f}% without a teacher, "
-                  f"{100 * w['test_mean']:.2f} ± {100 * w['test_std']:.2f}% with one (test accuracy).", "",
+                  f"{_pm(wo['test_mean'], wo['test_std'])} without a teacher, "
+                  f"{_pm(w['test_mean'], w['test_std'])} with one (test accuracy).", "",
                   *(f"- {v}" for v in te["verdicts"]), ""]
     gu = _load("gumbel")
     if gu:
@@ -177,7 +181,7 @@ def _evidence() -> list[str]:
                 lines.append(f"| {100 * b['fraction']:.0f}% ({b['latency_ms']:.3f} ms, {b['params'] / 1e3:.0f}K) | "
                              f"{name} | {r['evaluated']} | {r['params']:,} | {r['lut_ms']:.3f} | "
                              f"{r.get('measured_ms_rr', float('nan')):.3f} | {100 * r['proxy_accuracy']:.2f}% | "
-                             f"{100 * r['test_mean']:.2f} ± {100 * (r.get('test_std') or 0):.2f}% |")
+                             f"{_pm(r['test_mean'], r.get('test_std'))} |")
         lines += ["", *(f"- {v}" for v in gu["verdicts"]), ""]
     return lines
 

@@ -14,9 +14,10 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from search_spaces import ArchConfig
 from search_spaces.errors import NasUserError
 
-from ..search import Candidate, Progress, Scorer, SearchOutcome, SearchSettings, best_feasible, register_strategy
+from ..search import Progress, Scorer, SearchOutcome, SearchSettings, best_feasible, register_strategy
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +62,8 @@ class GumbelStrategy:
                              settings=gs, setup=setup, progress=progress)
         path = []
         for i, row in enumerate(result.path):   # real evaluations of the discretisation path
-            arch = scorer.space.check(result.arch if i == len(result.path) - 1 else _arch(scorer, str(row["arch"])))
+            last = i == len(result.path) - 1
+            arch = scorer.space.check(result.arch if last else ArchConfig.from_string(str(row["arch"])))
             cand = scorer(arch)
             path.append({"step": i, "action": str(row["move"]), **cand.row()})
             say(f"gumbel {row['move']}: acc {cand.accuracy:.4f}, {scorer.primary} "
@@ -76,12 +78,6 @@ class GumbelStrategy:
         }
         return SearchOutcome(cands, best_feasible(cands, scorer.primary), path, time.perf_counter() - t0,
                              stats=stats)
-
-
-def _arch(scorer: Scorer, text: str) -> Any:
-    from search_spaces import ArchConfig
-
-    return ArchConfig.from_string(text)
 
 
 def _supernet_and_data(scorer: Scorer) -> tuple[Any, DatasetSplits]:
