@@ -7,6 +7,7 @@ Nothing here is public API; the public modules re-export what users need
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -146,12 +147,21 @@ def quiet_exporter() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"coremltools.*")
 
 
-def worker_init() -> None:
+def worker_init(fmt: str = "onnx") -> None:
+    """Set up an export worker: one torch thread, quiet exporters, and the imports frozen out of the GC.
+
+    coremltools runs a full ``gc.collect()`` after each conversion; with torch and coremltools'
+    objects frozen (``gc.freeze``) it only walks what the conversion made (a tenth of its time).
+    """
     import torch
 
+    if fmt == "mlpackage":
+        with contextlib.suppress(ImportError):
+            import coremltools.converters.mil.frontend.torch  # noqa: F401
     torch.set_num_threads(1)
     quiet_exporter()
     logging.getLogger("coremltools").setLevel(logging.ERROR)
+    gc.freeze()
 
 
 def build_module(item: Item) -> torch.nn.Module:
@@ -212,7 +222,7 @@ class Exporter:
         self.pool: ProcessPoolExecutor | None = None
         if jobs > 1 or force_pool:
             self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=worker_init)
+                                            initializer=worker_init, initargs=(fmt,))
 
     def submit(self, jobs: list[tuple[Item, str]]) -> list[list[Any]]:
         """Start writing ``(item, path)`` jobs; returns handles for :meth:`wait`."""

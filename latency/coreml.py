@@ -99,13 +99,36 @@ def _trace(module: torch.nn.Module, shape: tuple[int, ...]) -> tuple[torch.jit.S
                     f"CoreML conversion supports modules that return a tensor or a list of tensors; "
                     f"{type(module).__name__} returned {type(out).__name__}"
                 )
-            return torch.jit.trace(cpu_module, example, strict=False), len(outs)
+            return torch.jit.trace(cpu_module, example, strict=False, check_trace=False), len(outs)
     except NasUserError:
         raise
     except Exception as exc:
         raise RuntimeError(f"tracing {type(module).__name__} at input shape {list(shape)} failed: {exc}") from exc
     finally:
         module.train(was_training)
+
+
+@contextlib.contextmanager
+def _validate_per_pipeline(ct: ModuleType) -> Iterator[None]:
+    """Have coremltools validate the MIL program once per pass pipeline instead of after every pass.
+
+    coremltools re-checks the whole program after each of the ~110 passes of a pipeline, which is
+    a third of a block's conversion time. The checks only assert; the program they pass is
+    unchanged. The calls that also check essential scopes (after dead-code elimination, and after
+    the frontend) still run, so every pipeline's result is checked once.
+    """
+    program = ct.converters.mil.mil.Program
+    full = program.validate
+
+    def validate(self: object, check_essential_scope: bool | None = False) -> None:
+        if check_essential_scope:
+            full(self, check_essential_scope=True)
+
+    program.validate = validate
+    try:
+        yield
+    finally:
+        program.validate = full
 
 
 def _save_mlpackage(mlmodel: MLModel, path: Path) -> None:
@@ -171,7 +194,7 @@ def convert_coreml(
     traced, n_out = _trace(module, shape)
     t1 = time.perf_counter()
     try:
-        with _captured_stderr() as captured, torch_threads(1):
+        with _captured_stderr() as captured, torch_threads(1), _validate_per_pipeline(ct):
             mlmodel = ct.convert(
                 traced,
                 inputs=[ct.TensorType(name=_INPUT_NAME, shape=shape, dtype=io_dtype)],

@@ -333,6 +333,37 @@ def test_convert_coreml_writes_mlpackage(tmp_path: Path) -> None:
         convert_coreml(TinyBlock(), (1, 8, 12, 12), tmp_path / "x.mlpackage", target="iOS12")
 
 
+def test_convert_coreml_validating_once_per_pipeline_writes_the_same_package(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skipping coremltools' re-validation after every pass (a third of the time) changes no byte of the package."""
+    import contextlib
+
+    import coremltools as ct
+
+    from latency import coreml
+    from search_spaces import get_space
+    from search_spaces.lowering import lower
+    from supernet.blocks import build_block
+
+    space = get_space("efficientformer_v2_demo")
+    spec = next(s for s in lower(space.largest(), resolution=32, num_classes=10) if "attn" in s.kind)
+    block = build_block(spec).eval()
+    shape = spec.input_shape(1)
+    fast = convert_coreml(block, shape, tmp_path / "fast.mlpackage")
+    full_validate = ct.converters.mil.mil.Program.validate
+    assert coreml._validate_per_pipeline is not None and full_validate.__module__.startswith("coremltools")
+    monkeypatch.setattr(coreml, "_validate_per_pipeline", lambda ct: contextlib.nullcontext())
+    full = convert_coreml(block, shape, tmp_path / "full.mlpackage")
+    assert ct.converters.mil.mil.Program.validate is full_validate, "the library's method is restored"
+
+    def package(path: Path) -> dict[str, bytes]:
+        return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()
+                and f.name != "Manifest.json"}  # the manifest holds random item identifiers
+
+    a, b = package(fast), package(full)
+    assert a.keys() == b.keys() and a == b
+
+
 def test_measure_coreml_off_macos_explains_bundle(tmp_path: Path) -> None:
     if sys.platform == "darwin":   # CoreML runs here: nothing to explain
         assert coreml_predict_available() is True
