@@ -19,6 +19,7 @@ from search_spaces.subnet_file import SubnetFile
 
 from .objectives import Budgets, MesWeights
 from .search import Candidate, LatencyModel, Scorer, SearchOutcome, SearchSettings, get_strategy
+from .study_slots import heartbeat_options
 
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
@@ -306,26 +307,37 @@ def _subnet_file(best: Candidate, cfg: SearchRunConfig, inputs: _Inputs, net: Su
 
 def _storage(url: str) -> BaseStorage:
     """An optuna storage for ``url``; a URL that optuna cannot open is the user's mistake."""
+    import warnings
+
     import optuna
 
     try:
-        if url.startswith("sqlite:///"):
-            # Workers that start together on a fresh file race to create optuna's schema: one at a time.
-            import fcntl
-
-            db = Path(url[len("sqlite:///"):])
-            with open(db.with_name(db.name + ".lock"), "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        if url.startswith(("postgresql://", "postgres://")):  # psycopg 3, whatever SQLAlchemy's default driver
-            return _postgres_storage("postgresql+psycopg://" + url.split("://", 1)[1])
-        if url.startswith("postgresql+"):
-            return _postgres_storage(url)
-        return optuna.storages.get_storage(url)
+        with warnings.catch_warnings():  # heartbeats: "experimental" in optuna's words, stable since 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _open_storage(url)
     except Exception as exc:  # noqa: BLE001 - sqlalchemy and the drivers raise many kinds
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise NasUserError(f"--storage {url!r} cannot be opened ({first}); give an optuna storage URL such as "
                            f"sqlite:///study.db or postgresql://user:password@host/db") from None
+
+
+def _open_storage(url: str) -> BaseStorage:
+    import optuna
+
+    if url.startswith("sqlite:///"):
+        # Workers that start together on a fresh file race to create optuna's schema: one at a time.
+        import fcntl
+
+        db = Path(url[len("sqlite:///"):])
+        with open(db.with_name(db.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}},
+                                              **heartbeat_options())
+    if url.startswith(("postgresql://", "postgres://")):  # psycopg 3, whatever SQLAlchemy's default driver
+        return _postgres_storage("postgresql+psycopg://" + url.split("://", 1)[1])
+    if url.startswith("postgresql+"):
+        return _postgres_storage(url)
+    return optuna.storages.get_storage(url)
 
 
 def _postgres_storage(url: str) -> Any:
@@ -337,7 +349,7 @@ def _postgres_storage(url: str) -> Any:
     try:
         with engine.begin() as conn:  # the lock is held until this transaction ends
             conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(7234010511)"))
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(url, **heartbeat_options())
     finally:
         engine.dispose()
 

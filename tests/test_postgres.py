@@ -5,13 +5,10 @@ holds one optuna study. Two ``nas-search --strategy nsga2 --storage postgresql:/
 at once; one is SIGKILLed after it completed some trials and is restarted with the same
 command. The study is then read with optuna directly.
 
-What optuna does with the trial the kill interrupted: nothing. Our storage has no heartbeat, so
-the trial stays RUNNING for good; it is not COMPLETE, so neither the ``--n-trials`` count
-(``MaxTrialsCallback`` counts COMPLETE trials), nor the NSGA-II sampler, nor the results read it.
-
-Two workers can end with one COMPLETE trial more than ``--n-trials``: optuna checks the count
-after each trial, so when one worker completes the last trial the other may be running one
-more (optuna's ``MaxTrialsCallback`` documents this for distributed runs).
+The study must end with exactly ``--n-trials`` COMPLETE trials (``nas.study_slots``: each trial is
+reserved under an advisory lock before it runs, and sends heartbeats while it runs). The trial
+the kill interrupted stops beating; once it is older than the grace period a worker fails it and
+its slot is run again, so it ends FAIL, and neither the count, the sampler nor the results read it.
 """
 from __future__ import annotations
 
@@ -247,13 +244,12 @@ def _check_study(url: str, killed: dict[str, Any], logs: dict[str, Path], procs:
     assert sorted(numbers) == list(range(len(trials))), f"trial numbers must be unique and contiguous: {numbers}"
     assert len({t._trial_id for t in trials}) == len(trials)
     complete = {t.number: t for t in trials if t.state == S.COMPLETE}
-    # exactly --n-trials, or one more: the other worker may be inside a trial when the count is reached
-    assert N_TRIALS <= len(complete) <= N_TRIALS + 1, f"{len(complete)} COMPLETE trials for --n-trials {N_TRIALS}"
+    assert len(complete) == N_TRIALS, f"{len(complete)} COMPLETE trials for --n-trials {N_TRIALS}"
 
-    # the interrupted trial: still RUNNING (no heartbeat, so optuna never fails it), never counted
+    # the interrupted trial: failed once its heartbeat went stale, never counted
     z = killed["interrupted"]
     others = {t.number: t.state.name for t in trials if t.state != S.COMPLETE}
-    assert others == {z: "RUNNING"}, f"only the killed worker's trial may be unfinished, got {others}"
+    assert others == {z: "FAIL"}, f"only the killed worker's trial may be unfinished, and it ends FAIL: {others}"
 
     # nothing ran twice: each worker's reported trials are its own, and together they are the COMPLETE ones
     reported = {name: _logged(logs[name]) for name in procs}

@@ -25,6 +25,7 @@ from search_spaces import ArchConfig
 
 from ..predictor import RidgePredictor, encode, spearman
 from ..search import Candidate, Progress, Scorer, SearchOutcome, SearchSettings, best_feasible, register_strategy
+from ..study_slots import run_trials
 
 if TYPE_CHECKING:
     import optuna
@@ -35,7 +36,7 @@ __all__ = ["Nsga2Strategy"]
 
 @register_strategy("nsga2")
 class Nsga2Strategy:
-    """NSGA-II with optuna; resumes the study in ``storage`` and stops at ``n_trials`` complete trials in total."""
+    """NSGA-II with optuna; resumes the study in ``storage`` and stops at exactly ``n_trials`` complete trials."""
 
     name = "nsga2"
     uses_study = True
@@ -66,11 +67,7 @@ class Nsga2Strategy:
                          f"{' (feasible)' if cand.feasible else ''}")
             return cand.accuracy, cand.latency_ms[scorer.primary], float(cand.params)
 
-        complete = optuna.trial.TrialState.COMPLETE
-        done = [t for t in study.get_trials(deepcopy=False) if t.state == complete]
-        if len(done) < settings.n_trials:
-            study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=(complete,))],
-                           n_trials=settings.n_trials - len(done))
+        run_trials(study, objective, settings.n_trials, say=progress)
         out = list(_study_candidates(study).values())
         result = SearchOutcome(out, best_feasible(out, scorer.primary), [], time.perf_counter() - t0)
         if settings.surrogate:
