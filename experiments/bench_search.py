@@ -155,6 +155,7 @@ def main() -> None:
     p.add_argument("--n-trials", type=int, default=60)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
+    args.json = Path(args.json).resolve()  # before the chdir below
     torch.set_num_threads(2)
     import optuna
 
@@ -183,7 +184,7 @@ def main() -> None:
     comparison = fast_vs_exhaustive(run, results, measured)
     for res in results.values():
         res["arch"] = res["arch"].to_string()
-    atomic_write_json(Path(args.json), {
+    atomic_write_json(args.json, {
         "budget_ms": budget, "strategies": results, "verdicts": verdicts, "fast_vs_exhaustive": comparison,
         "rows": [{**r, "arch": r["arch"].to_string()} for r in rows], "date": time.strftime("%Y-%m-%d"),
         "lut": lut.describe(),

@@ -47,6 +47,11 @@ def render() -> str:
     lines = [f"Measured with `make bench` on {platform.machine()} Linux, 2 cores, torch CPU "
              f"({time.strftime('%Y-%m-%d')}). Absolute times vary 2x between machines of this kind; ratios are "
              f"measured side by side in one run.", ""]
+    dates = {name: (_load(name) or {}).get("date") for name in sorted(BENCHES) if name != "demo"}
+    known = ", ".join(f"{name} {d}" for name, d in dates.items() if d)
+    unknown = ", ".join(name for name, d in dates.items() if not d and _load(name))
+    lines += [f"Dates of the results below: {known}" + (f"; undated (older runs): {unknown}" if unknown else "") + ".",
+              ""]
     demo = ROOT / "demo" / "runs" / "fmnist" / "supernet.json"
     if demo.is_file():
         m = json.loads(demo.read_text())["metrics"]
@@ -103,6 +108,17 @@ def render() -> str:
                          f"**{'yes' if v['beats_all_slower_or_equal_uniform'] else 'no'}**; measured "
                          f"{v['measured_ms']:.3f} ms {'within' if v['measured_within_budget'] else 'OVER'} the budget; "
                          f"{c['wall_s']:.0f} s, {c['candidates_per_min']:.1f} candidates/min.")
+        fe = se.get("fast_vs_exhaustive")
+        if fe:
+            ok = fe["accuracy_ok"] and fe["latency_ok"]
+            lines.append(
+                f"- fast path vs exhaustive greedy slimming (target: within 0.3 points on the whole validation split "
+                f"at equal or lower measured latency): **{'met' if ok else 'NOT met'}**: "
+                f"{100 * fe['whole_val_accuracy_fast']:.2f}% vs {100 * fe['whole_val_accuracy_exhaustive']:.2f}% "
+                f"(gap {fe['accuracy_gap_points']:+.2f} points), measured {fe['measured_ms_fast']:.3f} vs "
+                f"{fe['measured_ms_exhaustive']:.3f} ms (spread {fe['measurement_spread_ms']:.3f}), "
+                f"{fe['evaluations_fast']} vs {fe['evaluations_exhaustive']} real evaluations, "
+                f"{fe['wall_s_fast']:.0f} vs {fe['wall_s_exhaustive']:.0f} s.")
         lines.append("")
     lines += _evidence()
     pr = _load("presets")
