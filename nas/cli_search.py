@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefix-cache-mb", type=int_at_least(0), default=d.prefix_cache_mb,
                    help=f"memory for the current subnet's block inputs (default {d.prefix_cache_mb})")
     g = p.add_argument_group("nsga2")
-    g.add_argument("--n-trials", type=int_at_least(1), default=d.n_trials, help="trials in total (a rerun resumes the study)")
+    g.add_argument("--n-trials", type=int_at_least(1), default=d.n_trials, help="COMPLETE trials in total, exactly, over every worker of the study (a rerun resumes it)")
     g.add_argument("--population-size", type=int_at_least(2), default=d.population_size)
     g.add_argument("--storage", help="optuna storage URL (default: sqlite in --out); share it between workers")
     g.add_argument("--study-name", default=d.study_name)
