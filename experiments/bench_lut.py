@@ -223,6 +223,7 @@ def main() -> int:
           f"{rates[1]:,.0f}/s for the next 3,000 new, {rates[2]:,.0f}/s repeated (target >= 10,000/s)")
     result["lookups_per_s"] = {"first_new": rates[0], "new": rates[1], "repeated": rates[2]}
     result["summary_lines"] = [ln for ln in lines if not ln.startswith("environment:")]
+    result["date"] = time.strftime("%Y-%m-%d")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"results: {args.out}")

@@ -50,7 +50,7 @@ def render() -> str:
     dates = {name: (_load(name) or {}).get("date") for name in sorted(BENCHES) if name != "demo"}
     known = ", ".join(f"{name} {d}" for name, d in dates.items() if d)
     unknown = ", ".join(name for name, d in dates.items() if not d and _load(name))
-    lines += [f"Dates of the results below: {known}" + (f"; undated (older runs): {unknown}" if unknown else "") + ".",
+    lines += [f"Dates of the results below: {known}" + (f"; undated: {unknown}" if unknown else "") + ".",
               ""]
     demo = ROOT / "demo" / "runs" / "fmnist" / "supernet.json"
     if demo.is_file():
