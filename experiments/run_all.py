@@ -47,9 +47,9 @@ def render() -> str:
     lines = [f"Measured with `make bench` on {platform.machine()} Linux, 2 cores, torch CPU "
              f"({time.strftime('%Y-%m-%d')}). Absolute times vary 2x between machines of this kind; ratios are "
              f"measured side by side in one run.", ""]
-    dates = {name: (_load(name) or {}).get("date") for name in sorted(BENCHES) if name != "demo"}
-    known = ", ".join(f"{name} {d}" for name, d in dates.items() if d)
-    unknown = ", ".join(name for name, d in dates.items() if not d and _load(name))
+    results = {name: _load(name) for name in sorted(BENCHES) if name != "demo"}
+    known = ", ".join(f"{name} {r['date']}" for name, r in results.items() if r and r.get("date"))
+    unknown = ", ".join(name for name, r in results.items() if r and not r.get("date"))
     lines += [f"Dates of the results below: {known}" + (f"; undated: {unknown}" if unknown else "") + ".",
               ""]
     demo = ROOT / "demo" / "runs" / "fmnist" / "supernet.json"

@@ -19,7 +19,7 @@ from search_spaces.subnet_file import SubnetFile
 
 from .objectives import Budgets, MesWeights
 from .search import Candidate, LatencyModel, Scorer, SearchOutcome, SearchSettings, get_strategy
-from .study_slots import heartbeat_options
+from .study_slots import heartbeat_options, sqlite_lock
 
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
@@ -326,11 +326,7 @@ def _open_storage(url: str) -> BaseStorage:
 
     if url.startswith("sqlite:///"):
         # Workers that start together on a fresh file race to create optuna's schema: one at a time.
-        import fcntl
-
-        db = Path(url[len("sqlite:///"):])
-        with open(db.with_name(db.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with sqlite_lock(Path(url[len("sqlite:///"):])):
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}},
                                               **heartbeat_options())
     if url.startswith(("postgresql://", "postgres://")):  # psycopg 3, whatever SQLAlchemy's default driver

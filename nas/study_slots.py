@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import optuna
     from optuna.storages import BaseStorage
 
-__all__ = ["GRACE_S", "HEARTBEAT_S", "RESERVED", "heartbeat_options", "run_trials"]
+__all__ = ["GRACE_S", "HEARTBEAT_S", "RESERVED", "heartbeat_options", "run_trials", "sqlite_lock"]
 
 #: Seconds between two heartbeats of a running trial.
 HEARTBEAT_S = 5
@@ -39,6 +39,16 @@ _PG_LOCK_KEY = 7234010512
 def heartbeat_options() -> dict[str, int]:
     """Keyword arguments for ``optuna.storages.RDBStorage`` that turn heartbeats on."""
     return {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
+
+
+@contextlib.contextmanager
+def sqlite_lock(db: Path) -> Iterator[None]:
+    """The lock file beside SQLite database ``db``, held for the short sections its workers must not share."""
+    import fcntl
+
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @contextlib.contextmanager
@@ -60,25 +70,21 @@ def _workers_lock(storage: BaseStorage) -> Iterator[None]:
                 conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({_PG_LOCK_KEY})"))
                 conn.commit()
     elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-        import fcntl
-
-        db = Path(engine.url.database)
-        with open(db.with_name(db.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with sqlite_lock(Path(engine.url.database)):
             yield
     else:
         yield
 
 
 class _Heartbeat:
-    """Records the trial's heartbeat now and then every :data:`HEARTBEAT_S` seconds, until closed."""
+    """Records the trial's heartbeat every :data:`HEARTBEAT_S` seconds until closed (the first beat is
+    :func:`_reserve`'s)."""
 
     def __init__(self, storage: Any, trial_id: int) -> None:
         self.storage, self.trial_id = storage, trial_id
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         if hasattr(storage, "record_heartbeat"):
-            storage.record_heartbeat(trial_id)
             self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
             self.thread.start()
 
@@ -142,10 +148,10 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float | 
         try:
             values = objective(trial)
         except BaseException:
-            beat.close()
             import optuna
 
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
-        beat.close()
+        finally:
+            beat.close()
         study.tell(trial, values)
