@@ -12,6 +12,9 @@ AdamW's (decoupled weight decay, bias-corrected moments); outside it nothing cha
 parameter that received no gradient. In sandwich training the largest subnet uses every
 tensor of its slots in full, so the region is the whole tensor and the step is plain AdamW.
 
+The update itself is torch's fused AdamW kernel; used regions are gathered into contiguous
+copies for it and written back (:meth:`SharedAdamW.step`).
+
 Gradients stay allocated between steps and :meth:`SharedAdamW.zero_grad` zeroes only the
 regions used since the last call, so a step does not re-allocate and clear full-size gradients.
 State dicts have AdamW's layout (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter).
@@ -105,37 +108,54 @@ class SharedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        """One AdamW update of every parameter's used region."""
+        """One AdamW update of every parameter's used region.
+
+        The update runs in torch's fused AdamW kernel (the one ``torch.optim.AdamW(fused=True)``
+        runs), which reads its tensors as dense memory. A tensor used whole is passed as it is; a
+        used region, which is a strided view, is gathered into contiguous copies (parameter,
+        gradient and both moments), updated there and written back.
+        """
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            params, grads, avgs, sqs, corrections = [], [], [], [], []
-            beta1, beta2 = group["betas"]
+            params, grads, avgs, sqs, steps = [], [], [], [], []
+            scatter: list[tuple[torch.Tensor, ...]] = []
             for p in group["params"]:
                 region = used_region(p)
                 if p.grad is None or region is None:
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                box = _box(region)
-                params.append(p[box])
-                grads.append(p.grad[box])
-                avgs.append(state["exp_avg"][box])
-                sqs.append(state["exp_avg_sq"][box])
-                t = float(state["step"])
-                corrections.append((1 - beta1 ** t, 1 - beta2 ** t))
+                elif state["step"].device != p.device:  # a state dict loaded from a file keeps steps on the CPU
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                if region == tuple(p.shape) and _dense_alike(tensors):
+                    dense = tensors
+                else:
+                    box = _box(region)
+                    views = tuple(t[box] for t in tensors)
+                    dense = tuple(v.contiguous() for v in views)
+                    scatter.append(views[:1] + views[2:] + dense[:1] + dense[2:])
+                for out, t in zip((params, grads, avgs, sqs), dense):
+                    out.append(t)
+                steps.append(state["step"])
             if not params:
                 continue
-            lr, eps = group["lr"], group["eps"]
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            torch._foreach_lerp_(avgs, grads, 1 - beta1)
-            torch._foreach_mul_(sqs, beta2)
-            torch._foreach_addcmul_(sqs, grads, grads, 1 - beta2)
-            denom = torch._foreach_sqrt(sqs)
-            torch._foreach_div_(denom, [math.sqrt(c2) for _, c2 in corrections])
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, avgs, denom, [-lr / c1 for c1, _ in corrections])
+            beta1, beta2 = group["betas"]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(params, grads, avgs, sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+                                beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            for p_view, avg_view, sq_view, p_new, avg_new, sq_new in scatter:
+                p_view.copy_(p_new)
+                avg_view.copy_(avg_new)
+                sq_view.copy_(sq_new)
         return loss
+
+
+def _dense_alike(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """All of ``tensors`` cover dense memory with the same strides (what the fused kernel reads)."""
+    first = tensors[0]
+    dense = first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last))
+    return dense and all(t.stride() == first.stride() and t.dtype == first.dtype for t in tensors[1:])

@@ -21,7 +21,7 @@ def test_equals_torch_adamw_on_tensors_used_whole() -> None:
     torch.manual_seed(0)
     model = build_model(get_space("efficientformer_v2_demo").largest(), num_classes=10, resolution=32, in_chans=1)
     twin = copy.deepcopy(model)
-    reference = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, foreach=True)
+    reference = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
     ours = SharedAdamW(twin.parameters(), lr=1e-2, weight_decay=0.05)
     x, y = _batch()
     for _ in range(4):
@@ -77,3 +77,34 @@ def test_sandwich_uses_the_union_of_the_subnets_slices() -> None:
 def test_refuses_bad_values(kw: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         SharedAdamW([torch.nn.Parameter(torch.zeros(2))], **kw)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_used_region_steps_exactly_like_adamw_on_that_slice(channels_last: bool) -> None:
+    """The region is gathered, stepped and written back: bit for bit AdamW on a tensor holding just that slice."""
+    from supernet.optim import manage, mark_used
+
+    gen = torch.Generator().manual_seed(3)
+    full = torch.nn.Parameter(torch.randn(6, 5, 3, 3, generator=gen))
+    if channels_last:
+        full.data = full.data.contiguous(memory_format=torch.channels_last)
+    manage(full)
+    alone = torch.nn.Parameter(full.detach()[:4, :2].clone())
+    ours = SharedAdamW([full], lr=1e-2, weight_decay=0.05)
+    reference = torch.optim.AdamW([alone], lr=1e-2, weight_decay=0.05, fused=True)
+    outside = full.detach().clone()
+    for _ in range(3):
+        g = torch.randn(4, 2, 3, 3, generator=gen)
+        ours.zero_grad()
+        if full.grad is None:
+            full.grad = torch.zeros_like(full)
+        full.grad[:4, :2] += g
+        mark_used(full, g.shape)
+        alone.grad = torch.empty_like(alone).copy_(g)  # the fused kernel needs the parameter's own layout
+        ours.step()
+        reference.step()
+    assert torch.equal(full.detach()[:4, :2], alone.detach())
+    assert torch.equal(ours.state[full]["exp_avg"][:4, :2], reference.state[alone]["exp_avg"])
+    assert torch.equal(ours.state[full]["exp_avg_sq"][:4, :2], reference.state[alone]["exp_avg_sq"])
+    changed = full.detach() != outside
+    assert changed[:4, :2].all() and not changed[4:].any() and not changed[:, 2:].any()
