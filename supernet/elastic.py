@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,7 +53,10 @@ class _SliceWithGrad(torch.autograd.Function):
     def forward(ctx: Any, full: torch.Tensor, index: tuple[slice, ...]) -> torch.Tensor:  # type: ignore[override]
         ctx.full, ctx.index = full, index
         manage(full)
-        return full.detach()[index]
+        part = full.detach()[index]
+        # One dense copy of a strided slice, shared by the forward op and its backward (each would
+        # otherwise make its own); clone keeps the weight's memory format (channels_last stays so).
+        return part if part.shape == full.shape else part.clone(memory_format=torch.preserve_format)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:  # type: ignore[override]
@@ -148,6 +151,8 @@ class ElasticUnit(nn.Module):
                     setattr(module, name, None)  # held by the donor kind's module in this slot
             self.full[_key(kind)] = module
         self._templates = templates
+        #: spec key -> how to slice each tensor of its static block (see :meth:`_plan`)
+        self._plans: dict[str, list[_Slice]] = {}
         #: a head unit returns ``(head, head_dist)`` in training (see ``Supernet.set_distilled_training``)
         self.distilled = False
 
@@ -161,22 +166,37 @@ class ElasticUnit(nn.Module):
             return self.full[_key(donor)], self.max_specs[donor]
         return self.full[_key(kind)], self.max_specs[kind]
 
+    def _plan(self, spec: BlockSpec) -> list[_Slice]:
+        """How to slice each tensor of ``spec``'s static block out of the full weights, worked out once
+        per spec: its name, the module and attribute holding the full tensor (looked up on every
+        call, since moving the supernet replaces buffers), its shape, and its slicer."""
+        plan = self._plans.get(spec.key)
+        if plan is None:
+            if spec.kind not in self.max_specs:
+                raise SpaceError(f"this supernet position cannot hold a {spec.kind!r} block "
+                                 f"(it holds {list(self.kinds)})")
+            plan = []
+            for name, t in _tensors(self._templates.get(spec)):
+                module, max_spec = self._source(spec.kind, name)
+                *path, leaf = name.split(".")
+                for p in path:
+                    module = getattr(module, p)
+                plan.append(_Slice(name, module, leaf, t.shape, _slicer(spec.kind, name), max_spec))
+            self._plans[spec.key] = plan
+        return plan
+
     def state_for(self, spec: BlockSpec) -> dict[str, torch.Tensor]:
         """Parameters and buffers of the static block for ``spec``, as slices (views) of the full weights."""
-        if spec.kind not in self.max_specs:
-            raise SpaceError(f"this supernet position cannot hold a {spec.kind!r} block (it holds {list(self.kinds)})")
-        template = self._templates.get(spec)
         state: dict[str, torch.Tensor] = {}
-        for name, t in _tensors(template):
-            module, max_spec = self._source(spec.kind, name)
-            full = _get(module, name)
-            slicer = _slicer(spec.kind, name)
-            state[name] = slicer(full, t.shape, spec, max_spec) if slicer else _prefix(full, t.shape)
+        for p in self._plan(spec):
+            full = getattr(p.owner, p.leaf)
+            state[p.name] = p.slicer(full, p.shape, spec, p.max_spec) if p.slicer else _prefix(full, p.shape)
         return state
 
     def forward(self, x: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
         template = self._templates.get(spec)
-        template.train(self.training)
+        if template.training != self.training:  # (templates are only ever switched here, whole)
+            template.train(self.training)
         if hasattr(template, "distilled_training"):
             template.distilled_training = self.distilled
         return functional_call(template, self.state_for(spec), (x,), tie_weights=False, strict=True)
@@ -194,16 +214,18 @@ class ElasticUnit(nn.Module):
         return block
 
 
+class _Slice(NamedTuple):
+    name: str
+    owner: nn.Module
+    leaf: str
+    shape: torch.Size
+    slicer: Slicer | None
+    max_spec: BlockSpec
+
+
 def _tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     yield from module.named_parameters()
     yield from module.named_buffers()
-
-
-def _get(module: nn.Module, name: str) -> torch.Tensor:
-    *path, leaf = name.split(".")
-    for p in path:
-        module = getattr(module, p)
-    return getattr(module, leaf)
 
 
 class _TemplateCache:
