@@ -108,27 +108,43 @@ def _trace(module: torch.nn.Module, shape: tuple[int, ...]) -> tuple[torch.jit.S
         module.train(was_training)
 
 
-@contextlib.contextmanager
-def _validate_per_pipeline(ct: ModuleType) -> Iterator[None]:
-    """Have coremltools validate the MIL program once per pass pipeline instead of after every pass.
+def _has_constexpr(block: object) -> bool:
+    """Whether a MIL block (or one nested in its ops) holds a ``constexpr_*`` op (compressed weights)."""
+    return any(op.op_type.startswith("constexpr_") or any(_has_constexpr(b) for b in op.blocks)
+               for op in block.operations)  # type: ignore[attr-defined]
 
-    coremltools re-checks the whole program after each of the ~110 passes of a pipeline, which is
-    a third of a block's conversion time. The checks only assert; the program they pass is
-    unchanged. The calls that also check essential scopes (after dead-code elimination, and after
-    the frontend) still run, so every pipeline's result is checked once.
+
+@contextlib.contextmanager
+def _lean_passes(ct: ModuleType) -> Iterator[None]:
+    """Skip two kinds of bookkeeping that coremltools repeats through a conversion, neither of which
+    changes the program it writes.
+
+    1. **Validation once per pipeline.** coremltools re-checks the whole MIL program after each of
+       the ~110 passes of a pipeline (a third of a block's conversion time). The checks only
+       assert. The calls that also check essential scopes (after dead-code elimination, and after
+       the frontend) still run, so every pipeline's result is checked once.
+    2. **No "non-replaceable" propagation without compressed weights.** On leaving every block
+       context (about 120 times per conversion) coremltools recomputes, for every var, the set of
+       ``constexpr_*`` outputs upstream of it, which only guards against replacing a var that
+       depends on compressed weights. Our conversions make no ``constexpr_*`` op, so every set is
+       empty; the propagation still runs for a block that holds one.
     """
-    program = ct.converters.mil.mil.Program
-    full = program.validate
+    program, block = ct.converters.mil.mil.Program, ct.converters.mil.mil.Block
+    full, propagate = program.validate, block._propagate_nonreplaceable_vars
 
     def validate(self: object, check_essential_scope: bool | None = False) -> None:
         if check_essential_scope:
             full(self, check_essential_scope=True)
 
-    program.validate = validate
+    def lean_propagate(self: object) -> None:
+        if _has_constexpr(self):
+            propagate(self)
+
+    program.validate, block._propagate_nonreplaceable_vars = validate, lean_propagate
     try:
         yield
     finally:
-        program.validate = full
+        program.validate, block._propagate_nonreplaceable_vars = full, propagate
 
 
 def _save_mlpackage(mlmodel: MLModel, path: Path) -> None:
@@ -194,7 +210,7 @@ def convert_coreml(
     traced, n_out = _trace(module, shape)
     t1 = time.perf_counter()
     try:
-        with _captured_stderr() as captured, torch_threads(1), _validate_per_pipeline(ct):
+        with _captured_stderr() as captured, torch_threads(1), _lean_passes(ct):
             mlmodel = ct.convert(
                 traced,
                 inputs=[ct.TensorType(name=_INPUT_NAME, shape=shape, dtype=io_dtype)],

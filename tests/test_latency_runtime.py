@@ -333,9 +333,11 @@ def test_convert_coreml_writes_mlpackage(tmp_path: Path) -> None:
         convert_coreml(TinyBlock(), (1, 8, 12, 12), tmp_path / "x.mlpackage", target="iOS12")
 
 
-def test_convert_coreml_validating_once_per_pipeline_writes_the_same_package(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Skipping coremltools' re-validation after every pass (a third of the time) changes no byte of the package."""
+@pytest.mark.parametrize("kind", ["ef2.attn_ffn", "ef2.ffn", "ef2.down_attn", "ef2.head"])
+def test_convert_coreml_lean_passes_write_the_same_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            kind: str) -> None:
+    """Skipping coremltools' re-validation after every pass and its non-replaceable-var propagation (about half
+    of a conversion) changes no byte of the package."""
     import contextlib
 
     import coremltools as ct
@@ -346,15 +348,16 @@ def test_convert_coreml_validating_once_per_pipeline_writes_the_same_package(tmp
     from supernet.blocks import build_block
 
     space = get_space("efficientformer_v2_demo")
-    spec = next(s for s in lower(space.largest(), resolution=32, num_classes=10) if "attn" in s.kind)
+    spec = next(s for s in lower(space.largest(), resolution=32, num_classes=10) if s.kind == kind)
     block = build_block(spec).eval()
     shape = spec.input_shape(1)
     fast = convert_coreml(block, shape, tmp_path / "fast.mlpackage")
-    full_validate = ct.converters.mil.mil.Program.validate
-    assert full_validate.__module__.startswith("coremltools"), "the library's own method outside a conversion"
-    monkeypatch.setattr(coreml, "_validate_per_pipeline", lambda ct: contextlib.nullcontext())
+    mil = ct.converters.mil.mil
+    own = mil.Program.validate, mil.Block._propagate_nonreplaceable_vars
+    assert all(m.__module__.startswith("coremltools") for m in own), "the library's own methods outside a conversion"
+    monkeypatch.setattr(coreml, "_lean_passes", lambda ct: contextlib.nullcontext())
     full = convert_coreml(block, shape, tmp_path / "full.mlpackage")
-    assert ct.converters.mil.mil.Program.validate is full_validate, "the library's method is restored"
+    assert (mil.Program.validate, mil.Block._propagate_nonreplaceable_vars) == own, "the library's methods are restored"
 
     def package(path: Path) -> dict[str, bytes]:
         return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()
