@@ -38,8 +38,12 @@ postgresql:
 		ls $(PG_INITDB) >/dev/null 2>&1 || { echo "apt-get installed postgresql but no $(PG_INITDB) exists"; exit 1; }; \
 	fi
 
+# The suite runs test modules in TEST_WORKERS processes (pytest-xdist; a module stays on one
+# worker, so its fixtures are built once), in random order (pytest-randomly prints the seed).
+# `make test TEST_WORKERS=0` runs everything in one process.
+TEST_WORKERS ?= 2
 test: install dataset postgresql
-	$(BIN)/python -m pytest -p randomly tests; rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+	$(BIN)/python -m pytest -p randomly -n $(TEST_WORKERS) --dist loadfile tests; rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 demo: install dataset
 	$(BIN)/python experiments/demo.py

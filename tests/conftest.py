@@ -11,8 +11,10 @@
    a private copy (:func:`_fixtures_search.copy_folder`; files are copied, never hard-linked). After
    every test that used one, the folder's tree (paths, sizes, modification times) must be unchanged,
    and at the end of the session every file's SHA-256 must be too; the test that wrote into it fails.
-3. **Order.** ``make test`` runs in random order (pytest-randomly prints its seed in the header;
-   rerun one order with ``-p randomly --randomly-seed=N``). ``--reverse-order`` (with
+3. **Order.** ``make test`` runs in random order (pytest-randomly prints its seed in the header)
+   in two worker processes (pytest-xdist, ``--dist loadfile``: each module runs whole on one
+   worker, in the seed's order; each worker builds the shared folders it needs). Rerun one order
+   in one process with ``-p randomly --randomly-seed=N -n 0``. ``--reverse-order`` (with
    ``-p no:randomly``) runs the suite backwards, to show that no test depends on another's files.
 """
 from __future__ import annotations
@@ -93,7 +95,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
     seed = getattr(config.option, "randomly_seed", None)
     if isinstance(seed, int) and config.pluginmanager.has_plugin("randomly"):
-        terminalreporter.line(f"random order: rerun this order with -p randomly --randomly-seed={seed}")
+        terminalreporter.line(f"random order: rerun this order with -p randomly --randomly-seed={seed} "
+                               f"(add -n 0 for one process)")
     if _bad_skips:
         terminalreporter.section("skips that are not allowed (the session fails)", red=True)
         terminalreporter.line(f"only these reasons may skip: {sorted(ALLOWED_SKIPS)}")
