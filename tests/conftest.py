@@ -13,12 +13,14 @@
    and at the end of the session every file's SHA-256 must be too; the test that wrote into it fails.
 3. **Order.** ``make test`` runs in random order (pytest-randomly prints its seed in the header)
    in two worker processes (pytest-xdist, ``--dist loadfile``: each module runs whole on one
-   worker, in the seed's order; each worker builds the shared folders it needs). Rerun one order
+   worker, in the seed's order; each worker builds the shared folders it needs). A worker runs
+   torch on one thread; the commands the tests start choose their own threads. Rerun one order
    in one process with ``-p randomly --randomly-seed=N -n 0``. ``--reverse-order`` (with
    ``-p no:randomly``) runs the suite backwards, to show that no test depends on another's files.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -43,6 +45,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two workers on two cores: torch's default (a thread per core) in each would put four
+        # busy threads on two cores, and OpenMP's spinning threads then slow both workers down.
+        import torch
+
+        torch.set_num_threads(1)
     config.addinivalue_line("markers", f"macos_only: skipped off macOS ({MACOS_REASON})")
     config.addinivalue_line("markers", f"cuda_only: skipped without a CUDA GPU ({CUDA_REASON})")
 

@@ -49,10 +49,13 @@ def tmp_files(folder: Path) -> list[str]:
 def api_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, dict[str, int]]:
     run_dir = tmp_path_factory.mktemp("api") / "run"
     threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the run's 1 thread, so that a run that leaves 1 behind is caught
     steps: list[int] = []
-    result = train(API_CFG, run_dir, on_step=steps.append)
-    threads = {"before": threads_before, "after": torch.get_num_threads(), "steps": len(steps)}
-    torch.set_num_threads(threads_before)
+    try:
+        result = train(API_CFG, run_dir, on_step=steps.append)
+        threads = {"before": 2, "after": torch.get_num_threads(), "steps": len(steps)}
+    finally:
+        torch.set_num_threads(threads_before)
     return result, threads
 
 
