@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -250,6 +250,32 @@ class Shared:
         """Record the folder as built: from now on it must not change."""
         self.snapshot, self.digests = tree(self.path), fingerprint(self.path)
         return self
+
+    def save(self, record: Path) -> None:
+        """Write everything but ``cache`` to ``record`` (JSON), for another worker's :meth:`load`."""
+        def encode(v: Any) -> Any:
+            if isinstance(v, Budget):
+                return {"budget": asdict(v)}
+            if isinstance(v, Path):
+                return {"path": str(v)}
+            raise TypeError(f"cannot record {type(v).__name__} in a shared folder's info")
+        procs = {k: {"args": [str(a) for a in p.args], "returncode": p.returncode, "stdout": p.stdout,
+                     "stderr": p.stderr} for k, p in self.procs.items()}
+        data = {"path": str(self.path), "procs": procs, "info": {k: encode(v) for k, v in self.info.items()},
+                "snapshot": self.snapshot, "digests": self.digests}
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, record)
+
+    @classmethod
+    def load(cls, record: Path) -> Shared:
+        """The folder another worker built and :meth:`save`\ d."""
+        data = json.loads(record.read_text(encoding="utf-8"))
+        procs = {k: subprocess.CompletedProcess(p["args"], p["returncode"], p["stdout"], p["stderr"])
+                 for k, p in data["procs"].items()}
+        info = {k: Budget(**v["budget"]) if "budget" in v else Path(v["path"]) for k, v in data["info"].items()}
+        snapshot = {k: None if v is None else tuple(v) for k, v in data["snapshot"].items()}
+        return cls(Path(data["path"]), procs, info, snapshot, data["digests"])
 
     def check_unchanged(self, *, deep: bool = False) -> None:
         """Fail when anything under the folder changed since :meth:`seal` (``deep``: compare SHA-256s)."""

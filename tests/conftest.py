@@ -13,17 +13,20 @@
    and at the end of the session every file's SHA-256 must be too; the test that wrote into it fails.
 3. **Order.** ``make test`` runs in random order (pytest-randomly prints its seed in the header)
    in two worker processes (pytest-xdist, ``--dist loadfile``: each module runs whole on one
-   worker, in the seed's order; each worker builds the shared folders it needs). A worker runs
-   torch on one thread; the commands the tests start choose their own threads. Rerun one order
+   worker, in the seed's order). Each shared folder is built once per run, by the first worker
+   that needs it (under a lock; the others wait and then load its record). A worker runs torch on
+   one thread; the commands the tests start choose their own threads. Rerun one order
    in one process with ``-p randomly --randomly-seed=N -n 0``. ``--reverse-order`` (with
    ``-p no:randomly``) runs the suite backwards, to show that no test depends on another's files.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -123,30 +126,46 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     return result
 
 
-def _shared(folder: F.Shared) -> Iterator[F.Shared]:
-    yield folder
-    folder.check_unchanged(deep=True)
+def _shared(name: str, tmp_path_factory: pytest.TempPathFactory,
+            build: Callable[[Path], F.Shared]) -> Iterator[F.Shared]:
+    """Build a shared folder once per run: the first worker that needs it builds it under a lock
+    (the others wait), records it beside the folder, and every later worker loads that record.
+    A build that failed leaves no record, so the next worker that needs the folder tries again."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # common to this run's workers
+    folder, record = root / f"nas-{name}", root / f"nas-{name}.json"
+    with open(root / f"nas-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if record.is_file():
+            shared = F.Shared.load(record)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            shared = build(folder)
+            shared.save(record)
+    yield shared
+    shared.check_unchanged(deep=True)
 
 
 @pytest.fixture(scope="session")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[F.Shared]:
     """nas-train (synthetic data, 1 epoch) + nas-build-lut --device local-cpu; read-only."""
-    yield from _shared(F.build_work(tmp_path_factory.mktemp("nas-work")))
+    yield from _shared("work", tmp_path_factory, F.build_work)
 
 
 @pytest.fixture(scope="session")
 def searched(work: F.Shared, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F.Shared]:
     """The default ``nas-search --latency X --max-params Y`` in a copy of ``work``; read-only."""
-    yield from _shared(F.build_searched(work, tmp_path_factory.mktemp("nas-searched")))
+    yield from _shared("searched", tmp_path_factory, lambda root: F.build_searched(work, root))
 
 
 @pytest.fixture(scope="session")
 def extracted(searched: F.Shared, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F.Shared]:
     """``nas-extract subnet.json`` (every format) in a copy of ``searched``; read-only."""
-    yield from _shared(F.build_extracted(searched, tmp_path_factory.mktemp("nas-extracted")))
+    yield from _shared("extracted", tmp_path_factory, lambda root: F.build_extracted(searched, root))
 
 
 @pytest.fixture(scope="session")
 def iphone(work: F.Shared, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F.Shared]:
     """``nas-build-lut --device iphone12`` as typed, in a copy of ``work``; read-only."""
-    yield from _shared(F.build_iphone(work, tmp_path_factory.mktemp("nas-iphone")))
+    yield from _shared("iphone", tmp_path_factory, lambda root: F.build_iphone(work, root))
