@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from search_spaces import TASKS
 from search_spaces.errors import NasUserError
@@ -150,15 +150,28 @@ def _body(args: argparse.Namespace) -> int:
     o = result.outcome
     print(f"search: {o.seconds:.1f} s, {len(o.candidates)} candidates ({o.evaluated} newly evaluated), "
           f"{60 * len(o.candidates) / max(o.seconds, 1e-9):.1f} candidates/min")
-    if o.stats.get("predictor_spearman") is not None:
-        print(f"  accuracy predictor: Spearman {o.stats['predictor_spearman']:.3f} on "
-              f"{o.stats['predictor_held_out']} evaluated subnets it had not been trained on; "
-              f"{o.stats['actions_evaluated']} of {o.stats['actions_considered']} actions evaluated")
+    line = predictor_line(o.stats)
+    if line:
+        print(line)
     print(f"files: {', '.join(str(p) for p in result.files.values())}")
     if not args.out:
         atomic_write_text(Path("subnet.json"), result.files["subnet.json"].read_text())
         print("wrote subnet.json; next: nas-extract subnet.json")
     return 0
+
+
+def predictor_line(stats: dict[str, Any]) -> str | None:
+    """The summary line on the accuracy predictor, when the search used one and could rank it: the
+    fast slim path counts actions, NSGA-II with ``--surrogate`` counts trials."""
+    if stats.get("predictor_spearman") is None:
+        return None
+    line = (f"  accuracy predictor: Spearman {stats['predictor_spearman']:.3f} on {stats['predictor_held_out']} "
+            f"evaluated subnets it had not been trained on")
+    if "actions_evaluated" in stats:
+        line += f"; {stats['actions_evaluated']} of {stats['actions_considered']} actions evaluated"
+    if "trials_predicted" in stats:
+        line += f"; {stats['trials_predicted']} of {stats['trials']} trials scored by the predictor alone"
+    return line
 
 
 def main(argv: Sequence[str] | None = None) -> int:

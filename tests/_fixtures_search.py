@@ -269,7 +269,7 @@ class Shared:
 
     @classmethod
     def load(cls, record: Path) -> Shared:
-        """The folder another worker built and :meth:`save`\ d."""
+        """The folder another worker built and recorded with :meth:`save`."""
         data = json.loads(record.read_text(encoding="utf-8"))
         procs = {k: subprocess.CompletedProcess(p["args"], p["returncode"], p["stdout"], p["stderr"])
                  for k, p in data["procs"].items()}

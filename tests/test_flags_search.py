@@ -318,3 +318,21 @@ def test_flag_surrogate_lets_the_predictor_score_trials(work: F.Shared, tmp_path
     summary = json.loads((d / "runs" / "sur" / "search.json").read_text())
     assert summary["settings"]["surrogate"] is True
     assert summary["mode"] == "surrogate" and summary["trials"] == 16 and "trials_predicted" in summary
+
+
+def test_the_predictor_line_reads_each_strategy_s_figures() -> None:
+    """The closing line on the accuracy predictor, for the fast slim path (actions) and for NSGA-II with
+    --surrogate (trials; it once asked NSGA-II for action counts it never has, and nas-search crashed
+    after a finished study)."""
+    from nas.cli_search import predictor_line
+
+    assert predictor_line({"predictor_spearman": None, "actions_evaluated": 3}) is None
+    assert predictor_line({"mode": "surrogate", "trials": 16}) is None
+    slim = predictor_line({"predictor_spearman": 0.81234, "predictor_held_out": 12, "actions_evaluated": 40,
+                           "actions_considered": 95})
+    assert slim == ("  accuracy predictor: Spearman 0.812 on 12 evaluated subnets it had not been trained on; "
+                    "40 of 95 actions evaluated")
+    nsga2 = predictor_line({"mode": "surrogate", "trials": 16, "trials_predicted": 7, "predictor_held_out": 5,
+                            "predictor_spearman": -0.1})
+    assert nsga2 == ("  accuracy predictor: Spearman -0.100 on 5 evaluated subnets it had not been trained on; "
+                     "7 of 16 trials scored by the predictor alone")
