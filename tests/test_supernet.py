@@ -30,7 +30,7 @@ from supernet import StaticNet, Supernet, build_block, build_model, recalibrate_
 
 NUM_CLASSES = 10
 ATOL = 1e-5
-N_RANDOM = 50
+N_RANDOM = 24
 
 #: (space, resolution, in_chans): the ImageNet-shaped spaces at 64 px RGB, the demo spaces at 32 px grey.
 SPACES = [
