@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import pytest
 
+from search_spaces.fileio import atomic_write_json
+
 BIN = Path(sys.executable).parent
 TRAIN_ARGS = ("--space", "efficientformer_v2_demo", "--dataset", "synthetic:512", "--resolution", "32",
               "--epochs", "1", "--batch-size", "64", "--threads", "1")
@@ -263,9 +265,7 @@ class Shared:
                      "stderr": p.stderr} for k, p in self.procs.items()}
         data = {"path": str(self.path), "procs": procs, "info": {k: encode(v) for k, v in self.info.items()},
                 "snapshot": self.snapshot, "digests": self.digests}
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, record)
+        atomic_write_json(record, data)
 
     @classmethod
     def load(cls, record: Path) -> Shared:

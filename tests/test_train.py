@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from latency.runtime import torch_threads
 from search_spaces import get_space
 from supernet import Supernet
 from supernet.checkpoint import load_tensors
@@ -48,14 +49,11 @@ def tmp_files(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def api_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, dict[str, int]]:
     run_dir = tmp_path_factory.mktemp("api") / "run"
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(2)  # not the run's 1 thread, so that a run that leaves 1 behind is caught
     steps: list[int] = []
-    try:
+    with torch_threads(2):  # not the run's 1 thread, so that a run that leaves 1 behind is caught
+        threads_before = torch.get_num_threads()
         result = train(API_CFG, run_dir, on_step=steps.append)
-        threads = {"before": 2, "after": torch.get_num_threads(), "steps": len(steps)}
-    finally:
-        torch.set_num_threads(threads_before)
+        threads = {"before": threads_before, "after": torch.get_num_threads(), "steps": len(steps)}
     return result, threads
 
 
