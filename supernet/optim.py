@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SharedAdamW", "manage", "mark_used", "used_region"]
+__all__ = ["SharedAdamW", "is_dense", "manage", "mark_used", "used_region"]
 
 _REGION = "_nas_used_region"
 _MANAGED = "_nas_managed"
@@ -96,29 +96,33 @@ class SharedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool | None = None) -> None:  # type: ignore[override]
         """Zero the gradients' used regions (``set_to_none=True``: drop the gradients instead)."""
+        used = []
         for group in self.param_groups:
             for p in group["params"]:
                 region = used_region(p)
                 if set_to_none:
                     p.grad = None
                 elif p.grad is not None and region is not None:
-                    p.grad[_box(region)].zero_()
+                    used.append(p.grad if region == p.grad.shape else p.grad[_box(region)])
                 if region is not None:
                     delattr(p, _REGION)
+        if used:
+            torch._foreach_zero_(used)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         """One AdamW update of every parameter's used region.
 
         The update runs in torch's fused AdamW kernel (the one ``torch.optim.AdamW(fused=True)``
-        runs), which reads its tensors as dense memory. A tensor used whole is passed as it is; a
-        used region, which is a strided view, is gathered into contiguous copies (parameter,
-        gradient and both moments), updated there and written back.
+        runs), which reads its tensors as dense memory. A tensor used whole, and a used region that
+        is dense memory already (a prefix of a vector, the leading rows of a matrix), is passed as it
+        is; a strided region is gathered into contiguous copies (parameter, gradient and both
+        moments), updated there and written back.
         """
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             params, grads, avgs, sqs, steps = [], [], [], [], []
-            scatter: list[tuple[torch.Tensor, ...]] = []
+            scatter: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = []
             for p in group["params"]:
                 region = used_region(p)
                 if p.grad is None or region is None:
@@ -131,13 +135,14 @@ class SharedAdamW(torch.optim.Optimizer):
                 elif state["step"].device != p.device:  # a state dict loaded from a file keeps steps on the CPU
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                if region == tuple(p.shape) and _dense_alike(tensors):
+                if region != tuple(p.shape):
+                    box = _box(region)
+                    tensors = tuple(t[box] for t in tensors)
+                if _dense_alike(tensors):  # whole tensors, and regions that are dense already (1-D prefixes, ...)
                     dense = tensors
                 else:
-                    box = _box(region)
-                    views = tuple(t[box] for t in tensors)
-                    dense = tuple(v.contiguous() for v in views)
-                    scatter.append(views[:1] + views[2:] + dense[:1] + dense[2:])
+                    dense = tuple(v.contiguous() for v in tensors)
+                    scatter.append((tensors[:1] + tensors[2:], dense[:1] + dense[2:]))  # all but the gradient
                 for out, t in zip((params, grads, avgs, sqs), dense):
                     out.append(t)
                 steps.append(state["step"])
@@ -147,15 +152,18 @@ class SharedAdamW(torch.optim.Optimizer):
             torch._foreach_add_(steps, 1)
             torch._fused_adamw_(params, grads, avgs, sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
                                 beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-            for p_view, avg_view, sq_view, p_new, avg_new, sq_new in scatter:
-                p_view.copy_(p_new)
-                avg_view.copy_(avg_new)
-                sq_view.copy_(sq_new)
+            if scatter:
+                torch._foreach_copy_([t for views, _ in scatter for t in views],
+                                     [t for _, dense in scatter for t in dense])
         return loss
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """``t`` covers one dense block of memory, in the standard or the channels_last layout."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _dense_alike(tensors: tuple[torch.Tensor, ...]) -> bool:
     """All of ``tensors`` cover dense memory with the same strides (what the fused kernel reads)."""
     first = tensors[0]
-    dense = first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last))
-    return dense and all(t.stride() == first.stride() and t.dtype == first.dtype for t in tensors[1:])
+    return is_dense(first) and all(t.stride() == first.stride() and t.dtype == first.dtype for t in tensors[1:])

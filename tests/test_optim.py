@@ -79,32 +79,42 @@ def test_refuses_bad_values(kw: dict, name: str) -> None:
         SharedAdamW([torch.nn.Parameter(torch.zeros(2))], **kw)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_a_used_region_steps_exactly_like_adamw_on_that_slice(channels_last: bool) -> None:
-    """The region is gathered, stepped and written back: bit for bit AdamW on a tensor holding just that slice."""
+@pytest.mark.parametrize("shape, region, channels_last", [
+    ((6, 5, 3, 3), (4, 2, 3, 3), False),  # strided: gathered, stepped, written back
+    ((6, 5, 3, 3), (4, 2, 3, 3), True),
+    ((6, 5, 3, 3), (4, 5, 3, 3), True),  # leading rows: dense already, stepped in place
+    ((6, 5), (4, 5), False),
+    ((7,), (3,), False),  # a vector's prefix (biases, norms): dense, stepped in place
+], ids=["strided", "strided-channels_last", "rows-channels_last", "rows", "prefix"])
+def test_a_used_region_steps_exactly_like_adamw_on_that_slice(shape: tuple[int, ...], region: tuple[int, ...],
+                                                              channels_last: bool) -> None:
+    """Bit for bit AdamW on a tensor holding just the used slice; nothing outside it changes."""
     from supernet.optim import manage, mark_used
 
     gen = torch.Generator().manual_seed(3)
-    full = torch.nn.Parameter(torch.randn(6, 5, 3, 3, generator=gen))
+    full = torch.nn.Parameter(torch.randn(*shape, generator=gen))
     if channels_last:
         full.data = full.data.contiguous(memory_format=torch.channels_last)
     manage(full)
-    alone = torch.nn.Parameter(full.detach()[:4, :2].clone())
+    box = tuple(slice(0, n) for n in region)
+    alone = torch.nn.Parameter(full.detach()[box].clone())
     ours = SharedAdamW([full], lr=1e-2, weight_decay=0.05)
     reference = torch.optim.AdamW([alone], lr=1e-2, weight_decay=0.05, fused=True)
     outside = full.detach().clone()
     for _ in range(3):
-        g = torch.randn(4, 2, 3, 3, generator=gen)
+        g = torch.randn(*region, generator=gen)
         ours.zero_grad()
         if full.grad is None:
             full.grad = torch.zeros_like(full)
-        full.grad[:4, :2] += g
+        full.grad[box] += g
         mark_used(full, g.shape)
         alone.grad = torch.empty_like(alone).copy_(g)  # the fused kernel needs the parameter's own layout
         ours.step()
         reference.step()
-    assert torch.equal(full.detach()[:4, :2], alone.detach())
-    assert torch.equal(ours.state[full]["exp_avg"][:4, :2], reference.state[alone]["exp_avg"])
-    assert torch.equal(ours.state[full]["exp_avg_sq"][:4, :2], reference.state[alone]["exp_avg_sq"])
+    assert torch.equal(full.detach()[box], alone.detach())
+    assert torch.equal(ours.state[full]["exp_avg"][box], reference.state[alone]["exp_avg"])
+    assert torch.equal(ours.state[full]["exp_avg_sq"][box], reference.state[alone]["exp_avg_sq"])
     changed = full.detach() != outside
-    assert changed[:4, :2].all() and not changed[4:].any() and not changed[:, 2:].any()
+    assert changed[box].all()
+    changed[box] = False
+    assert not changed.any()
