@@ -232,6 +232,7 @@ def _plan(model: StaticNet, sd: dict[str, torch.Tensor], names: _Names, label: s
     """
     target = model.state_dict()
     position = {k: n for n, k in enumerate(target)}
+    first_conv = _first_conv(target)
     ours_of = {t: o for o, t in names.theirs.items()}
     classifier = set(_classifier_keys(model))
     head_w = names.theirs[f"blocks.{len(model.specs) - 1}.head.weight"]
@@ -269,7 +270,7 @@ def _plan(model: StaticNet, sd: dict[str, torch.Tensor], names: _Names, label: s
                 continue
             if note:
                 resized.append(f"{our}: {note}")
-        if our == _first_conv(model) and value.ndim == 4 and value.shape[1] != want[1] and \
+        if our == first_conv and value.ndim == 4 and value.shape[1] != want[1] and \
                 (value.shape[0], *value.shape[2:]) == (want[0], *want[2:]):
             adapted.append(f"{our}: input channels {value.shape[1]} -> {want[1]}")
             value = adapt_input_conv(value, want[1])
@@ -296,9 +297,9 @@ def _plan(model: StaticNet, sd: dict[str, torch.Tensor], names: _Names, label: s
     return values, report
 
 
-def _first_conv(model: StaticNet) -> str:
-    """Our key of the network's first convolution (the stem's)."""
-    return next(k for k, v in model.state_dict().items() if v.ndim == 4)
+def _first_conv(state: dict[str, torch.Tensor]) -> str:
+    """Our key of the network's first convolution (the stem's), in a model's ``state_dict()``."""
+    return next(k for k, v in state.items() if v.ndim == 4)
 
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
