@@ -241,8 +241,10 @@ class ElasticUnit(nn.Module):
 
     def export(self, spec: BlockSpec) -> nn.Module:
         """A fresh static block for ``spec`` with the sliced weights copied in."""
-        block = build_block(spec)
-        state = {k: v.detach().clone() for k, v in self.state_for(spec).items()}
+        state = {k: v.detach() for k, v in self.state_for(spec).items()}
+        with torch.device("meta"):  # no initialisation: every tensor is overwritten below
+            block = build_block(spec)
+        block.to_empty(device=next(iter(state.values())).device if state else "cpu")
         persistent = block.state_dict().keys()
         missing, unexpected = block.load_state_dict({k: v for k, v in state.items() if k in persistent}, strict=True)
         assert not missing and not unexpected
