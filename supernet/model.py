@@ -97,13 +97,14 @@ class StaticNet(nn.Module):
         specs: its lowering (``search_spaces.lower(arch, setup)``).
         resolution: the input ``(height, width)`` (or side) the specs were lowered for.
         out_indices: for a backbone (specs without a head), the stages ``forward`` returns.
+        blocks: the modules of ``specs``, already built (a supernet's extraction); default: fresh ones.
 
     A classifier maps ``(B, in_chans, H, W)`` to ``(B, num_classes)`` logits; a backbone to a
     list of ``(B, C_i, H_i, W_i)`` maps, one per index of ``out_indices``.
     """
 
     def __init__(self, arch: ArchConfig, specs: tuple[BlockSpec, ...], *, resolution: int | tuple[int, int],
-                 out_indices: Sequence[int] | None = None) -> None:
+                 out_indices: Sequence[int] | None = None, blocks: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         self.arch = arch
         self.specs = tuple(specs)
@@ -116,7 +117,9 @@ class StaticNet(nn.Module):
         self._features = feature_info(self.specs)
         self.feature_info = [f.to_dict() for f in self._features]
         self.out_indices = self._check_indices(out_indices if out_indices is not None else range(len(self._features)))
-        self.blocks = nn.ModuleList(build_block(s) for s in specs)
+        if blocks is not None and len(blocks) != len(self.specs):
+            raise ValueError(f"{len(blocks)} blocks given for {len(self.specs)} specs")
+        self.blocks = nn.ModuleList(blocks if blocks is not None else (build_block(s) for s in specs))
 
     def _check_indices(self, out_indices: Sequence[int]) -> tuple[int, ...]:
         n = len(self._features)
