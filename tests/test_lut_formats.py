@@ -189,29 +189,28 @@ def test_runner_times_non_square_inputs(tmp_path: Path) -> None:
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("extra, res_text, task", [
-    (["--resolution", "64x32"], "64x32", "classify"),
-    (["--resolution", "64", "--task", "backbone"], "64", "backbone"),
-])
-def test_cli_passes_hxw_and_task_to_the_lowering(extra: list[str], res_text: str, task: str, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str],
+def test_cli_passes_hxw_and_task_to_the_lowering(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CLI carries the setup through whole: the predicted LUT and the bundle say HxW and the task."""
+    """The CLI carries the setup through whole: the predicted LUT and the bundle say HxW and the task.
+
+    One run covers both (a non-square backbone); the square classifier's defaults are covered by
+    test_cli_build_lut.py::test_iphone12_defaults_from_run_bundle_and_predicted_lut.
+    """
     from nas.cli_build_lut import main
 
     monkeypatch.chdir(tmp_path)
     argv = ["--device", "iphone12", "--space", "efficientformer_v2_demo", "--num-classes", "10", "--in-chans", "1",
-            "--no-progress", "--jobs", "2", *extra]  # both cores: the CoreML bundle is most of the time
+            "--no-progress", "--jobs", "2", "--resolution", "64x32", "--task", "backbone"]
     rc = main(argv)
     err = capsys.readouterr().err
-    suffix = "" if task == "classify" else f"-{task}"
-    lut = tmp_path / f"lut-iphone12-{res_text}{suffix}.json"
+    lut = tmp_path / "lut-iphone12-64x32-backbone.json"
     assert rc == 0, err
     data = json.loads(lut.read_text())
-    assert data["task"] == task and LoweringSetup(resolution=data["resolution"]).text == res_text
-    assert (tmp_path / f"lut-iphone12-{res_text}{suffix}.bundle" / "manifest.json").is_file()
-    heads = [k for k in data["entries"] if k.split("|")[0].endswith(".head")]
-    assert bool(heads) == (task == "classify")
+    assert data["task"] == "backbone" and LoweringSetup(resolution=data["resolution"]).text == "64x32"
+    manifest = json.loads((tmp_path / "lut-iphone12-64x32-backbone.bundle" / "manifest.json").read_text())
+    shapes = {tuple(e["input_shape"][2:]) for e in manifest["entries"]}
+    assert (64, 32) in shapes and (32, 64) not in shapes, sorted(shapes)[:5]  # the stem sees H x W, not W x H
+    assert not [k for k in data["entries"] if k.split("|")[0].endswith(".head")]
 
 
 def test_cli_refuses_a_bad_resolution(capsys: pytest.CaptureFixture[str]) -> None:
