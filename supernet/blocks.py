@@ -45,6 +45,22 @@ def _grid(h: int, w: int, step: int = 1) -> torch.Tensor:
     return torch.stack(torch.meshgrid(torch.arange(0, h, step), torch.arange(0, w, step), indexing="ij")).flatten(1)
 
 
+def _on_default_device(compute: Callable[[int, int], torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
+    """``compute(h, w)`` worked out once on the CPU, then handed out as a fresh tensor on the current
+    default device. Blocks are often built under ``torch.device("meta")``, where the index
+    arithmetic would run through Python decompositions (about 80 ms per call)."""
+    cached = functools.lru_cache(maxsize=256)(compute)
+
+    @functools.wraps(compute)
+    def wrapper(h: int, w: int) -> torch.Tensor:
+        with torch.device("cpu"):
+            index = cached(h, w)
+        return index.to(torch.empty(0).device, copy=True)
+
+    return wrapper
+
+
+@_on_default_device
 def relative_bias_index(h: int, w: int) -> torch.Tensor:
     """``(N, N)`` index into an ``h*w`` bias table by ``|dy| * w + |dx|`` (N = h*w).
 
@@ -55,6 +71,7 @@ def relative_bias_index(h: int, w: int) -> torch.Tensor:
     return rel[0] * w + rel[1]
 
 
+@_on_default_device
 def downsample_bias_index(h: int, w: int) -> torch.Tensor:
     """``(N2, N)`` index for stride-2 queries against full-grid keys (V2 attention downsampling).
 
