@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,13 +30,11 @@ from search_spaces.lowering import get_family, resolve_setup
 
 from .blocks import build_block
 from .model import StaticNet, feature_info, init_weights, tokens_to_map
-from .optim import is_dense, manage, mark_used
+from .slicing import SLICERS, Slicer, SliceWithGrad
 
 __all__ = ["ElasticUnit", "Supernet", "SUPPORTED_FAMILIES", "unit_name"]
 
 SUPPORTED_FAMILIES = ("efficientformer", "efficientformer_v2")
-
-Slicer = Callable[[torch.Tensor, torch.Size, BlockSpec, BlockSpec], torch.Tensor]
 
 #: Extraction builds a block of more parameters than this on the meta device (no random
 #: initialisation, which costs about 1 ms per 250K values on a small CPU) and below it on the CPU
@@ -44,76 +42,12 @@ Slicer = Callable[[torch.Tensor, torch.Size, BlockSpec, BlockSpec], torch.Tensor
 _SKIP_INIT_ABOVE = 250_000
 
 
-class _SliceWithGrad(torch.autograd.Function):
-    """``full[index]`` for each ``(full, index)`` pair, whose backward adds into ``full.grad`` in place.
-
-    Autograd's own slice backward materialises a zero tensor of the full size for every sliced
-    weight and then adds it to ``.grad``; on small CPU workloads that doubled the supernet's
-    overhead. Gradients land in ``.grad`` exactly as with plain slicing (``None`` until first use),
-    and the slice is recorded as used (:func:`supernet.optim.mark_used`), so that
-    :class:`~supernet.optim.SharedAdamW` steps and zeroes only that region. A block's weights are
-    sliced in one call: one autograd node per block, not one per tensor.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, indexes: tuple[tuple[slice, ...], ...],  # type: ignore[override]
-                *fulls: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.set_materialize_grads(False)
-        ctx.fulls, ctx.indexes = fulls, indexes
-        parts = []
-        for full, index in zip(fulls, indexes):
-            manage(full)
-            part = full.detach()[index]
-            # A strided slice gets one dense copy, shared by the forward op and its backward (each
-            # would otherwise make its own); clone keeps the weight's memory format (channels_last
-            # stays so). A slice that is dense already (a vector's prefix, leading rows) is used as it is.
-            parts.append(part if is_dense(part) else part.clone(memory_format=torch.preserve_format))
-        return tuple(parts)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[None, ...]:  # type: ignore[override]
-        with torch.no_grad():
-            for full, index, grad in zip(ctx.fulls, ctx.indexes, grads):
-                if grad is None:  # that slice did not reach the loss
-                    continue
-                if full.grad is None:
-                    full.grad = torch.zeros_like(full)
-                full.grad[index].add_(grad)
-                mark_used(full, grad.shape)
-        return (None,) * (len(grads) + 1)
-
-
-def _prefix(full: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``full[:shape[0], :shape[1], ...]``; a parameter's gradient lands in its ``.grad`` and marks the region used."""
-    if full.ndim != len(shape) or any(s > f for s, f in zip(shape, full.shape)):
-        raise RuntimeError(f"cannot slice a {tuple(full.shape)} weight to {tuple(shape)}")
-    index = tuple(slice(0, s) for s in shape)
-    if isinstance(full, nn.Parameter) and full.requires_grad and torch.is_grad_enabled():
-        return _SliceWithGrad.apply((index,), full)[0]
-    if full.shape == shape:
-        return full
-    return full[index]
-
-
-def _lite_proj(full: torch.Tensor, shape: torch.Size, spec: BlockSpec, max_spec: BlockSpec) -> torch.Tensor:
-    """LiteMLA proj input channels are ``[scale 0: heads*dim, scale 1: heads*dim]``: not a prefix."""
-    td, td_max = spec.heads * spec.value_dim, max_spec.heads * max_spec.value_dim
-    w = _prefix(full, torch.Size((shape[0], *full.shape[1:])))
-    if td == td_max:
-        return w
-    return torch.cat([w[:, :td], w[:, td_max: td_max + td]], dim=1)
-
-
-#: Slicers by the names block kinds use for them (``BlockKind.slicers`` in ``search_spaces.kinds``).
-SLICERS: dict[str, Slicer] = {"lite_proj": _lite_proj}
-
-
 def _slicer(kind: str, name: str) -> Slicer | None:
     slicer = get_kind(kind).slicer(name)
     if slicer is None:
         return None
     if slicer not in SLICERS:
-        raise SpaceError(f"block kind {kind!r} names slicer {slicer!r} for {name!r}, which supernet.elastic lacks; "
+        raise SpaceError(f"block kind {kind!r} names slicer {slicer!r} for {name!r}, which supernet.slicing lacks; "
                          f"known slicers: {sorted(SLICERS)}")
     return SLICERS[slicer]
 
@@ -214,7 +148,7 @@ class ElasticUnit(nn.Module):
             else:
                 out.append(full if p.whole else full[p.index])
         if tracked:
-            parts = _SliceWithGrad.apply(tuple(plan.slices[i].index for i in tracked), *(out[i] for i in tracked))
+            parts = SliceWithGrad.apply(tuple(plan.slices[i].index for i in tracked), *(out[i] for i in tracked))
             for i, part in zip(tracked, parts):
                 out[i] = part
         return out
