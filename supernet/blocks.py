@@ -55,7 +55,7 @@ def _on_default_device(compute: Callable[[int, int], torch.Tensor]) -> Callable[
     def wrapper(h: int, w: int) -> torch.Tensor:
         with torch.device("cpu"):
             index = cached(h, w)
-        return index.to(torch.empty(0).device, copy=True)
+        return index.to(torch.get_default_device(), copy=True)
 
     return wrapper
 

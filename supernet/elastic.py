@@ -30,7 +30,7 @@ from search_spaces.lowering import get_family, resolve_setup
 
 from .blocks import build_block
 from .model import StaticNet, feature_info, init_weights, tokens_to_map
-from .slicing import SLICERS, Slicer, SliceWithGrad
+from .slicing import SLICERS, Slicer, SliceWithGrad, prefix_index
 
 __all__ = ["ElasticUnit", "Supernet", "SUPPORTED_FAMILIES", "unit_name"]
 
@@ -179,6 +179,7 @@ class ElasticUnit(nn.Module):
             for (store, leaf), t in zip(plan.targets, plan.originals):
                 store[leaf] = t
 
+    @torch.no_grad()  # plain views to copy from: no autograd nodes, no dense copies of strided slices
     def export(self, spec: BlockSpec) -> nn.Module:
         """A fresh static block for ``spec`` with the sliced weights copied in."""
         state = {k: v.detach() for k, v in self.state_for(spec).items()}
@@ -213,11 +214,9 @@ class _Slice(NamedTuple):
     def make(cls, name: str, module: nn.Module, shape: torch.Size, slicer: Slicer | None,
              max_spec: BlockSpec) -> "_Slice":
         store, leaf = _store(module, name)
-        full = store[leaf]
-        if slicer is None and (full.ndim != len(shape) or any(s > f for s, f in zip(shape, full.shape))):
-            raise RuntimeError(f"cannot slice a {tuple(full.shape)} weight to {tuple(shape)}")
-        return cls(name, store, leaf, shape, tuple(slice(0, n) for n in shape), tuple(full.shape) == tuple(shape),
-                   slicer, max_spec)
+        full_shape = store[leaf].shape
+        index = tuple(slice(0, n) for n in shape) if slicer is not None else prefix_index(full_shape, shape)
+        return cls(name, store, leaf, shape, index, tuple(full_shape) == tuple(shape), slicer, max_spec)
 
 
 class _Plan(NamedTuple):

@@ -15,7 +15,7 @@ from search_spaces import BlockSpec
 
 from .optim import is_dense, manage, mark_used
 
-__all__ = ["SLICERS", "SliceWithGrad", "Slicer", "lite_proj", "prefix"]
+__all__ = ["SLICERS", "SliceWithGrad", "Slicer", "lite_proj", "prefix", "prefix_index"]
 
 Slicer = Callable[[torch.Tensor, torch.Size, BlockSpec, BlockSpec], torch.Tensor]
 
@@ -59,11 +59,20 @@ class SliceWithGrad(torch.autograd.Function):
         return (None,) * (len(grads) + 1)
 
 
+def prefix_index(full_shape: torch.Size, shape: torch.Size) -> tuple[slice, ...]:
+    """The index of the leading ``shape`` box of a tensor of ``full_shape``.
+
+    Raises:
+        RuntimeError: ``shape`` does not fit inside ``full_shape``.
+    """
+    if len(full_shape) != len(shape) or any(s > f for s, f in zip(shape, full_shape)):
+        raise RuntimeError(f"cannot slice a {tuple(full_shape)} weight to {tuple(shape)}")
+    return tuple(slice(0, s) for s in shape)
+
+
 def prefix(full: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``full[:shape[0], :shape[1], ...]``; a parameter's gradient lands in its ``.grad`` and marks the region used."""
-    if full.ndim != len(shape) or any(s > f for s, f in zip(shape, full.shape)):
-        raise RuntimeError(f"cannot slice a {tuple(full.shape)} weight to {tuple(shape)}")
-    index = tuple(slice(0, s) for s in shape)
+    index = prefix_index(full.shape, shape)
     if isinstance(full, nn.Parameter) and full.requires_grad and torch.is_grad_enabled():
         return SliceWithGrad.apply((index,), full)[0]
     if full.shape == shape:
