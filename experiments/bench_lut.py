@@ -44,6 +44,7 @@ from latency import (
     validate_lut,
 )
 from latency.lut import default_lut_path
+from latency.specs import lut_specs
 from latency.runtime import measurement_environment
 from latency.stats import LatencyStats
 from latency.validate import fidelity_metrics
@@ -116,12 +117,78 @@ def _retest(lut: LatencyTable, archs: list, runs: list[dict[str, LatencyStats]],
     return out
 
 
+def _export_paths(specs: list, n: int, seed: int, work: Path, say) -> dict:
+    """Blocks written both ways, side by side: recorded from their forward (what builds use) and by the
+    TorchScript exporter. Export time per block (build, graph, ONNX Runtime optimisation), and the
+    latency of the two optimized graphs timed round-robin in one loop, with a second session of the
+    exported graph as the noise floor."""
+    import random
+    import statistics
+    import warnings
+
+    import onnx
+
+    from latency import bundle_runner as runner
+    from latency._private import entry_item, onnx_bytes
+    from latency.runtime import export_onnx, ort_session
+    from supernet.blocks import build_block
+
+    profile = get_profile("local-cpu")
+    opts = {"threads": profile.threads, "graph_optimization": profile.graph_optimization,
+            "providers": tuple(profile.providers)}
+    picked = random.Random(seed).sample(specs, min(n, len(specs)))
+    seconds = {"recorded": 0.0, "torchscript": 0.0}
+    ratios, floor, fallbacks = [], [], 0
+    with tempfile.TemporaryDirectory(dir=work) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, spec in enumerate(picked):
+            item, paths = entry_item(spec, profile.batch), {}
+            for way in ("recorded", "torchscript"):
+                t0 = time.perf_counter()
+                module = build_block(spec).eval()
+                data = onnx_bytes(item, module, check=False) if way == "recorded" else \
+                    export_onnx(module, item.input_shape, check=False)
+                paths[way] = os.path.join(tmp, f"{way}{i}.onnx")
+                ort_session(data, save_optimized=paths[way], **opts)
+                seconds[way] += time.perf_counter() - t0
+                if way == "recorded":
+                    fallbacks += onnx.load_model_from_string(data).producer_name != "nas-toolkit"
+            fns = [runner.ort_run_fn(ort_session(paths[w], threads=profile.threads, graph_optimization="disabled",
+                                                 providers=profile.providers), item.input_shape)
+                   for w in ("recorded", "torchscript", "torchscript")]
+            rec, ts, ts2 = (statistics.median(x) for x in
+                            runner.time_runs(fns, warmup=profile.warmup, repeats=profile.repeats))
+            ratios.append(rec / ts)
+            floor.append(ts2 / ts)
+    k = len(picked)
+
+    def spread(xs: list[float]) -> dict:
+        dev = sorted(abs(x - 1) for x in xs)
+        return {"median_ratio": statistics.median(xs), "mean_abs_dev": sum(dev) / len(dev),
+                "within_5": sum(d <= 0.05 for d in dev) / len(dev), "max_abs_dev": dev[-1]}
+
+    out = {"n": k, "ms_per_block": {w: 1e3 * t / k for w, t in seconds.items()},
+           "speedup": seconds["torchscript"] / seconds["recorded"], "fallbacks": fallbacks,
+           "latency_recorded_vs_exported": spread(ratios), "latency_exported_vs_itself": spread(floor)}
+    say(f"export, {k} random blocks written both ways: recorded {out['ms_per_block']['recorded']:.1f} ms per "
+        f"block, TorchScript {out['ms_per_block']['torchscript']:.1f} ms ({out['speedup']:.1f}x; build, graph and "
+        f"ONNX Runtime optimisation; {fallbacks} fell back to the exporter)")
+    for tag, key in (("recorded / exported graph", "latency_recorded_vs_exported"),
+                     ("exported / itself (noise)", "latency_exported_vs_itself")):
+        m = out[key]
+        say(f"  latency {tag:<26} median ratio {m['median_ratio']:.3f}  mean |dev| {_pct(m['mean_abs_dev'])}  "
+            f"within 5% {_pct(m['within_5'])}  max |dev| {_pct(m['max_abs_dev'])}")
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", default="efficientformer_v2")
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--validate", type=int, default=100)
     p.add_argument("--retest", type=int, default=40, help="subnets measured twice, in two processes (0: skip)")
+    p.add_argument("--export-blocks", type=int, default=60,
+                   help="blocks written both ways (recorded and TorchScript), side by side (0: skip)")
     p.add_argument("--measure-only", nargs=2, type=Path, metavar=("ARCHS", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=None, help="export workers (default: CPU count, max 8)")
@@ -165,6 +232,9 @@ def main() -> int:
         result["build"] = {"entries": len(built.table), "seconds": seconds, "target_s": TARGET_BUILD_S,
                            "ratio_to_target": seconds / TARGET_BUILD_S, "noisy": noisy, "load_after": _load()}
     lut = LatencyTable.load(lut_path)
+    if args.export_blocks:
+        specs = lut_specs(space, resolution=args.resolution, num_classes=classes, in_chans=chans, distillation=dist)
+        result["export"] = _export_paths(specs, args.export_blocks, args.seed, args.work, say)
 
     # 2. fidelity
     if args.validate:

@@ -1,10 +1,10 @@
-"""Exporting models ahead of the timing loop of an in-process build, on every core the timing leaves free.
+"""Exporting models ahead of the timing loop of an in-process build, in worker processes.
 
-Export (the TorchScript exporter) costs several times more CPU than timing a block, so a build is
-export-bound. :class:`ExportPipeline` keeps exports in flight in worker processes, in the order
-the timing loop needs them: all workers while the main process waits or opens sessions, and at
-most ``quiet_limit`` (one per core the timing does not use) while it times, so that a timed run
-never shares its core with our own exports. Exported files are deleted after their last use.
+:class:`ExportPipeline` keeps exports in flight in worker processes, in the order the timing loop
+needs them: all workers while the main process waits or opens sessions, and at most
+``quiet_limit`` while it times (0 by default: an export on another core slows the timed runs and
+makes them noisy, see :func:`latency.measure._export_workers`), so that a timed run never shares
+its core with our own exports. Exported files are deleted after their last use.
 """
 from __future__ import annotations
 

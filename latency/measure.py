@@ -98,18 +98,18 @@ def _time_group(fns: list[Callable[[], Any]], profile: DeviceProfile, retries: i
     return samples
 
 
-def _export_workers(total_cost: int, jobs: int | None, overlap: bool | None,
+def _export_workers(total_cost: int, jobs: int | None, overlap: bool,
                     profile: DeviceProfile) -> tuple[int, int]:
     """Export workers, and how many may export while the main process times.
 
-    Without ``overlap`` nothing else of ours runs while timing. With it (the default when the
-    machine has a core the timing does not use) that many exports keep going meanwhile; between
-    timed groups every worker exports. Small builds export inline (spawning workers that import
-    torch costs more than it saves).
+    By default nothing else of ours runs while timing: every worker exports between timed
+    groups. With ``overlap``, the cores the timing does not use keep exporting meanwhile. That
+    paid while a block's export cost several times its timing; with blocks recorded from their
+    forward (:mod:`latency.onnx_record`) it no longer does, and an export on the other core made
+    the timings of the full V2 space at 224 15% slower and twice as often noisy (2026-12-03).
+    Small builds export inline (spawning workers that import torch costs more than it saves).
     """
     cpus = os.cpu_count() or 1
-    if overlap is None:
-        overlap = jobs is None and cpus > profile.threads
     n_jobs = default_jobs(total_cost, jobs)
     if n_jobs == 1:
         return 0, 0  # inline
@@ -117,7 +117,7 @@ def _export_workers(total_cost: int, jobs: int | None, overlap: bool | None,
 
 
 def _measure(entries: list[Item], models: list[Item], profile: DeviceProfile, *, jobs: int | None, chunk: int,
-             on_group: OnGroup, progress: ProgressFn | None, retries: int = 1, overlap: bool | None = None,
+             on_group: OnGroup, progress: ProgressFn | None, retries: int = 1, overlap: bool = False,
              pool: ProcessPoolExecutor | None = None) -> None:
     """Export and time items on this machine: block groups timed round-robin, whole networks spread between them.
 
@@ -281,7 +281,7 @@ def build_lut(
     jobs: int | None = None,
     chunk: int = 16,
     retries: int = 1,
-    overlap: bool | None = None,
+    overlap: bool = False,
     checkpoint_every_s: float = 5.0,
     progress: ProgressFn | None = None,
 ) -> BuildResult:
@@ -306,8 +306,8 @@ def build_lut(
         chunk: blocks timed round-robin together.
         retries: times a noisy measurement (IQR > 10% of the median) is repeated at once; the
             round with the lowest median is kept.
-        overlap: export on a spare core while timing (default: when the machine has one and
-            ``jobs`` is not given); False keeps the machine quiet while timing.
+        overlap: export on the cores the timing does not use while it times (default: no; the
+            machine stays quiet while timing, exports run between timed groups).
         checkpoint_every_s: seconds between saves of the partial table.
         progress: called after every timed group.
 
