@@ -139,6 +139,7 @@ def _export_paths(specs: list, n: int, seed: int, work: Path, say) -> dict:
     picked = random.Random(seed).sample(specs, min(n, len(specs)))
     seconds = {"recorded": 0.0, "torchscript": 0.0}
     ratios, floor, fallbacks = [], [], 0
+    kinds: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(dir=work) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, spec in enumerate(picked):
@@ -160,6 +161,7 @@ def _export_paths(specs: list, n: int, seed: int, work: Path, say) -> dict:
                             runner.time_runs(fns, warmup=profile.warmup, repeats=profile.repeats))
             ratios.append(rec / ts)
             floor.append(ts2 / ts)
+            kinds.setdefault(spec.kind, []).append((rec / ts, ts2 / ts))
     k = len(picked)
 
     def spread(xs: list[float]) -> dict:
@@ -169,7 +171,9 @@ def _export_paths(specs: list, n: int, seed: int, work: Path, say) -> dict:
 
     out = {"n": k, "ms_per_block": {w: 1e3 * t / k for w, t in seconds.items()},
            "speedup": seconds["torchscript"] / seconds["recorded"], "fallbacks": fallbacks,
-           "latency_recorded_vs_exported": spread(ratios), "latency_exported_vs_itself": spread(floor)}
+           "latency_recorded_vs_exported": spread(ratios), "latency_exported_vs_itself": spread(floor),
+           "by_kind": {kind: {"n": len(v), "recorded_vs_exported": spread([a for a, _ in v]),
+                              "exported_vs_itself": spread([b for _, b in v])} for kind, v in sorted(kinds.items())}}
     say(f"export, {k} random blocks written both ways: recorded {out['ms_per_block']['recorded']:.1f} ms per "
         f"block, TorchScript {out['ms_per_block']['torchscript']:.1f} ms ({out['speedup']:.1f}x; build, graph and "
         f"ONNX Runtime optimisation; {fallbacks} fell back to the exporter)")
@@ -178,6 +182,10 @@ def _export_paths(specs: list, n: int, seed: int, work: Path, say) -> dict:
         m = out[key]
         say(f"  latency {tag:<26} median ratio {m['median_ratio']:.3f}  mean |dev| {_pct(m['mean_abs_dev'])}  "
             f"within 5% {_pct(m['within_5'])}  max |dev| {_pct(m['max_abs_dev'])}")
+    for kind, m in out["by_kind"].items():
+        a, b = m["recorded_vs_exported"], m["exported_vs_itself"]
+        say(f"    {kind:<14} n={m['n']:<3} recorded/exported median {a['median_ratio']:.3f}, within 5% "
+            f"{_pct(a['within_5'])}; exported/itself median {b['median_ratio']:.3f}, within 5% {_pct(b['within_5'])}")
     return out
 
 

@@ -27,7 +27,7 @@ from supernet.compile import CompiledSupernet
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TINY = ["--space", "efficientformer_v2_demo", "--dataset", "synthetic:128", "--resolution", "32", "--epochs", "1",
+TINY = ["--space", "efficientformer_v2_demo", "--dataset", "synthetic:64", "--resolution", "32", "--epochs", "1",
         "--batch-size", "32", "--threads", "1", "--no-progress", "--compile"]
 
 
