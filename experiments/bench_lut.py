@@ -130,12 +130,12 @@ def _export_paths(specs: list, n: int, seed: int, work: Path, say) -> dict:
 
     from latency import bundle_runner as runner
     from latency._private import entry_item, onnx_bytes
+    from latency.measure import _ort_options, _run_fn
     from latency.runtime import export_onnx, ort_session
     from supernet.blocks import build_block
 
     profile = get_profile("local-cpu")
-    opts = {"threads": profile.threads, "graph_optimization": profile.graph_optimization,
-            "providers": tuple(profile.providers)}
+    opts = _ort_options(profile)  # as a build's export workers optimize graphs, and its timing opens them
     picked = random.Random(seed).sample(specs, min(n, len(specs)))
     seconds = {"recorded": 0.0, "torchscript": 0.0}
     ratios, floor, fallbacks = [], [], 0
@@ -154,9 +154,7 @@ def _export_paths(specs: list, n: int, seed: int, work: Path, say) -> dict:
                 seconds[way] += time.perf_counter() - t0
                 if way == "recorded":
                     fallbacks += onnx.load_model_from_string(data).producer_name != "nas-toolkit"
-            fns = [runner.ort_run_fn(ort_session(paths[w], threads=profile.threads, graph_optimization="disabled",
-                                                 providers=profile.providers), item.input_shape)
-                   for w in ("recorded", "torchscript", "torchscript")]
+            fns = [_run_fn(item, paths[w], profile) for w in ("recorded", "torchscript", "torchscript")]
             rec, ts, ts2 = (statistics.median(x) for x in
                             runner.time_runs(fns, warmup=profile.warmup, repeats=profile.repeats))
             ratios.append(rec / ts)
