@@ -397,10 +397,16 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not any(self.g.live(t) for t in _tensors((args, kwargs))) or not _tensors(out):
             return out  # constant folding (the exporter folds these too), or a shape query
+        name = getattr(func, "__qualname__", func)
         lower = _LOWERINGS.get(func)
         if lower is None:
-            raise Unsupported(f"no ONNX lowering for {getattr(func, '__qualname__', func)!r}")
-        lower(self.g, out, args, kwargs)
+            raise Unsupported(f"no ONNX lowering for {name!r}")
+        try:
+            lower(self.g, out, args, kwargs)
+        except Unsupported:
+            raise
+        except Exception as exc:  # arguments a lowering does not expect: the exporter still can
+            raise Unsupported(f"lowering {name!r} failed: {exc!r}") from exc
         return out
 
 

@@ -138,8 +138,18 @@ class _ReadsValues(nn.Module):
         return x * float(x.sum())
 
 
-@pytest.mark.parametrize("module", [_Sine(), _ReadsValues(), nn.ReLU(inplace=True), nn.Identity()],
-                         ids=["no-lowering", "reads-values", "in-place", "returns-input"])
+class _ImplicitSoftmax(nn.Module):
+    """Arguments the softmax lowering does not expect (no ``dim``): a refusal, not a crash."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.nn.functional.softmax(x + 1)
+
+
+@pytest.mark.parametrize("module", [_Sine(), _ReadsValues(), nn.ReLU(inplace=True), nn.Identity(),
+                                    _ImplicitSoftmax()],
+                         ids=["no-lowering", "reads-values", "in-place", "returns-input", "unexpected-arguments"])
 def test_unsupported_forward_is_refused(module):
     with pytest.raises(Unsupported):
         record_onnx(module.eval(), (1, 3, 4, 4))
