@@ -27,6 +27,7 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any, Mapping
 
 from .errors import SpaceError
@@ -133,7 +134,7 @@ class BlockSpec:
         return replace(self, stage=stage, slot=slot)
 
     # ----------------------------------------------------------------- codec
-    @property
+    @cached_property  # a frozen spec's key never changes; the supernet looks it up for every block it runs
     def key(self) -> str:
         """Canonical string key: kind, channels, size, then every field that differs from its default."""
         size = str(self.h) if self.h == self.w else f"{self.h}x{self.w}"

@@ -12,8 +12,12 @@ AdamW's (decoupled weight decay, bias-corrected moments); outside it nothing cha
 parameter that received no gradient. In sandwich training the largest subnet uses every
 tensor of its slots in full, so the region is the whole tensor and the step is plain AdamW.
 
-The update itself is torch's fused AdamW kernel; used regions are gathered into contiguous
-copies for it and written back (:meth:`SharedAdamW.step`).
+The update itself is torch's fused AdamW kernel. A strided used region is stepped in dense
+buffers of its own: the parameter and gradient are gathered into them each step and the
+parameter written back, while the region's moments stay in the buffers for as long as the
+region stays the same (a subnet trained alone), and go back to the state tensors when it
+changes, in :meth:`SharedAdamW.state_dict` and in :meth:`SharedAdamW.sync_state`
+(:meth:`SharedAdamW.step`).
 
 Gradients stay allocated between steps and :meth:`SharedAdamW.zero_grad` zeroes only the
 regions used since the last call, so a step does not re-allocate and clear full-size gradients.
@@ -65,8 +69,36 @@ def _box(region: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(0, n) for n in region)
 
 
+class _Plan:
+    """How one parameter's used region is stepped: views of the region in the parameter, its gradient
+    and both moments, and for a strided region the dense buffers the fused kernel works on.
+
+    A strided region's moments live in its buffers while the plan lasts (``dirty``: newer than the
+    state tensors); :meth:`SharedAdamW.sync_state` writes them back.
+    """
+
+    __slots__ = ("key", "views", "buffers", "loaded", "dirty")
+
+    def __init__(self, key: tuple[Any, ...], views: tuple[torch.Tensor, ...],
+                 buffers: tuple[torch.Tensor, ...] | None) -> None:
+        self.key, self.views, self.buffers = key, views, buffers
+        self.loaded = self.dirty = False
+
+
+def _plan_key(p: torch.Tensor, region: tuple[int, ...], state: dict[str, Any]) -> tuple[Any, ...]:
+    """What a plan's views depend on: the region, and the memory behind the parameter, its gradient and moments
+    (a new tensor there, e.g. after ``load_state_dict`` or a change of memory format, makes a new plan)."""
+    grad, avg, sq = p.grad, state.get("exp_avg"), state.get("exp_avg_sq")
+    return (region, p.data_ptr(), p.stride(), None if grad is None else grad.data_ptr(),
+            None if avg is None else avg.data_ptr(), None if sq is None else sq.data_ptr())
+
+
 class SharedAdamW(torch.optim.Optimizer):
     """AdamW over the used regions of shared tensors (see the module docstring).
+
+    A strided region's moments are kept in dense buffers from step to step while the region stays the
+    same, and written back to the state tensors when it changes and in :meth:`state_dict`; call
+    :meth:`sync_state` before reading ``optimizer.state`` directly.
 
     Args:
         params: parameters or parameter groups, as for :class:`torch.optim.AdamW`.
@@ -88,11 +120,63 @@ class SharedAdamW(torch.optim.Optimizer):
         if not (math.isfinite(eps) and eps >= 0) or not (math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"`eps` and `weight_decay` must be finite numbers >= 0, got {eps!r} and {weight_decay!r}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self._plans: dict[torch.Tensor, _Plan] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:  # plain autograd accumulation means the whole tensor was used
                     p.register_post_accumulate_grad_hook(_mark_whole)
 
+    # ----------------------------------------------------------------- state kept in buffers
+    def _write_back(self, plan: _Plan, p: torch.Tensor) -> None:
+        """Write a plan's moments back to the state tensors, if they are newer and those tensors are still ``p``'s."""
+        state = self.state.get(p, {})
+        if plan.dirty and plan.key[4:] == (state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr()):
+            torch._foreach_copy_(list(plan.views[2:]), list(plan.buffers[2:]))  # type: ignore[index]
+        plan.dirty = False
+
+    @torch.no_grad()
+    def sync_state(self) -> None:
+        """Write the moments kept in buffers back to ``self.state`` (``state_dict`` does this itself)."""
+        for p, plan in self._plans.items():
+            self._write_back(plan, p)
+
+    def state_dict(self) -> dict[str, Any]:
+        self.sync_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._plans.clear()  # their buffers hold the moments being replaced
+        super().load_state_dict(state_dict)
+
+    def _plan(self, p: torch.Tensor, region: tuple[int, ...]) -> _Plan:
+        """The tensors ``step`` hands the fused kernel for ``p``'s used region (kept while the region and
+        the tensors behind it stay the same: a subnet trained alone reuses them every step). Called under
+        ``no_grad`` (views of a parameter made with grad mode on would join the autograd graph)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != p.device:  # a state dict loaded from a file keeps steps on the CPU
+            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        key = _plan_key(p, region, state)
+        plan = self._plans.get(p)
+        if plan is not None:
+            if plan.key == key:
+                return plan
+            self._write_back(plan, p)
+        views = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+        if region != tuple(p.shape):
+            box = _box(region)
+            views = tuple(t[box] for t in views)
+        # Whole tensors, and regions that are dense already (1-D prefixes, leading rows), are stepped in
+        # place; a strided region is gathered into dense buffers of its own.
+        buffers = None if _dense_alike(views) else tuple(torch.empty_like(v, memory_format=torch.contiguous_format)
+                                                         for v in views)
+        plan = self._plans[p] = _Plan(key, views, buffers)
+        return plan
+
+    # ----------------------------------------------------------------- the optimizer
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool | None = None) -> None:  # type: ignore[override]
         """Zero the gradients' used regions (``set_to_none=True``: drop the gradients instead)."""
@@ -100,12 +184,20 @@ class SharedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 region = used_region(p)
+                if region is None:
+                    continue
+                delattr(p, _REGION)
                 if set_to_none:
+                    plan = self._plans.pop(p, None)
+                    if plan is not None:
+                        self._write_back(plan, p)
                     p.grad = None
-                elif p.grad is not None and region is not None:
-                    used.append(p.grad if region == p.grad.shape else p.grad[_box(region)])
-                if region is not None:
-                    delattr(p, _REGION)
+                elif p.grad is not None:
+                    plan = self._plans.get(p)
+                    if plan is not None and plan.key == _plan_key(p, region, self.state[p]):
+                        used.append(plan.views[1])  # the step's own view of the region
+                    else:
+                        used.append(p.grad if region == p.grad.shape else p.grad[_box(region)])
         if used:
             torch._foreach_zero_(used)
 
@@ -116,45 +208,46 @@ class SharedAdamW(torch.optim.Optimizer):
         The update runs in torch's fused AdamW kernel (the one ``torch.optim.AdamW(fused=True)``
         runs), which reads its tensors as dense memory. A tensor used whole, and a used region that
         is dense memory already (a prefix of a vector, the leading rows of a matrix), is passed as it
-        is; a strided region is gathered into contiguous copies (parameter, gradient and both
-        moments), updated there and written back.
+        is. A strided region is stepped in dense buffers: the parameter and gradient are gathered into
+        them (all regions in one copy call) and the parameter written back; its moments stay there
+        while the region does (see :meth:`sync_state`).
         """
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            params, grads, avgs, sqs, steps = [], [], [], [], []
-            scatter: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = []
+            tensors: tuple[list[torch.Tensor], ...] = ([], [], [], [])
+            steps: list[torch.Tensor] = []
+            gather_to: list[torch.Tensor] = []
+            gather_from: list[torch.Tensor] = []
+            strided: list[_Plan] = []
             for p in group["params"]:
                 region = used_region(p)
                 if p.grad is None or region is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                elif state["step"].device != p.device:  # a state dict loaded from a file keeps steps on the CPU
-                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                if region != tuple(p.shape):
-                    box = _box(region)
-                    tensors = tuple(t[box] for t in tensors)
-                if _dense_alike(tensors):  # whole tensors, and regions that are dense already (1-D prefixes, ...)
-                    dense = tensors
-                else:
-                    dense = tuple(v.contiguous() for v in tensors)
-                    scatter.append((tensors[:1] + tensors[2:], dense[:1] + dense[2:]))  # all but the gradient
-                for out, t in zip((params, grads, avgs, sqs), dense):
+                plan = self._plan(p, region)
+                steps.append(self.state[p]["step"])
+                bufs = plan.buffers
+                if bufs is None:
+                    for out, t in zip(tensors, plan.views):
+                        out.append(t)
+                    continue
+                for out, t in zip(tensors, bufs):
                     out.append(t)
-                steps.append(state["step"])
-            if not params:
+                n = 2 if plan.loaded else 4  # moments: once, when the plan is new
+                gather_to.extend(bufs[:n])
+                gather_from.extend(plan.views[:n])
+                plan.loaded = plan.dirty = True
+                strided.append(plan)
+            if not steps:
                 continue
+            if gather_to:
+                torch._foreach_copy_(gather_to, gather_from)
             beta1, beta2 = group["betas"]
             torch._foreach_add_(steps, 1)
-            torch._fused_adamw_(params, grads, avgs, sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+            torch._fused_adamw_(*tensors, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
                                 beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-            if scatter:
-                torch._foreach_copy_([t for views, _ in scatter for t in views],
-                                     [t for _, dense in scatter for t in dense])
+            if strided:  # the parameter's region back into the parameter
+                torch._foreach_copy_([pl.views[0] for pl in strided],
+                                     [pl.buffers[0] for pl in strided])  # type: ignore[index]
         return loss
 
 

@@ -49,13 +49,17 @@ class SliceWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[None, ...]:  # type: ignore[override]
         with torch.no_grad():
+            into, parts = [], []
             for full, index, grad in zip(ctx.fulls, ctx.indexes, grads):
                 if grad is None:  # that slice did not reach the loss
                     continue
                 if full.grad is None:
                     full.grad = torch.zeros_like(full)
-                full.grad[index].add_(grad)
+                into.append(full.grad if grad.shape == full.shape else full.grad[index])
+                parts.append(grad)
                 mark_used(full, grad.shape)
+            if into:
+                torch._foreach_add_(into, parts)  # one call for the block's tensors
         return (None,) * (len(grads) + 1)
 
 

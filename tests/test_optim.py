@@ -112,9 +112,62 @@ def test_a_used_region_steps_exactly_like_adamw_on_that_slice(shape: tuple[int, 
         ours.step()
         reference.step()
     assert torch.equal(full.detach()[box], alone.detach())
+    ours.sync_state()  # a strided region's moments are kept in buffers between steps
     assert torch.equal(ours.state[full]["exp_avg"][box], reference.state[alone]["exp_avg"])
     assert torch.equal(ours.state[full]["exp_avg_sq"][box], reference.state[alone]["exp_avg_sq"])
     changed = full.detach() != outside
     assert changed[box].all()
     changed[box] = False
     assert not changed.any()
+
+
+def _reference_step(full: torch.Tensor, grad: torch.Tensor, state: dict, region: tuple[int, ...], *, lr: float,
+                    weight_decay: float) -> None:
+    """AdamW on the region alone: copies of it stepped by the fused kernel, written back (no buffers kept)."""
+    box = tuple(slice(0, n) for n in region)
+    if not state:
+        state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(full), exp_avg_sq=torch.zeros_like(full))
+    views = (full[box], grad[box], state["exp_avg"][box], state["exp_avg_sq"][box])
+    dense = [v.contiguous() for v in views]
+    state["step"] += 1
+    torch._fused_adamw_(*([d] for d in dense), [], [state["step"]], amsgrad=False, lr=lr, beta1=0.9, beta2=0.999,
+                        weight_decay=weight_decay, eps=1e-8, maximize=False)
+    for v, d in zip(views[:1] + views[2:], dense[:1] + dense[2:]):
+        v.copy_(d)
+
+
+def test_moments_kept_in_buffers_follow_region_changes_state_dicts_and_set_to_none() -> None:
+    """Regions that change from step to step, a state dict taken mid-way (and loaded into a new optimizer),
+    and gradients dropped with ``set_to_none``: bit for bit the region-by-region reference throughout."""
+    from supernet.optim import manage, mark_used
+
+    gen = torch.Generator().manual_seed(5)
+    shape = (6, 5, 3, 3)
+    full = torch.nn.Parameter(torch.randn(*shape, generator=gen))
+    manage(full)
+    ref_param, ref_grad, ref_state = full.detach().clone(), torch.zeros(shape), {}
+    ours = SharedAdamW([full], lr=1e-2, weight_decay=0.05)
+    regions = [(4, 2, 3, 3), (4, 2, 3, 3), (5, 3, 3, 3), (4, 2, 3, 3), (6, 5, 3, 3), (3, 4, 3, 3), (3, 4, 3, 3)]
+    for i, region in enumerate(regions):
+        box = tuple(slice(0, n) for n in region)
+        ours.zero_grad(set_to_none=(i == 3))
+        ref_grad.zero_()
+        g = torch.randn(*region, generator=gen)
+        if full.grad is None:
+            full.grad = torch.zeros_like(full)
+        full.grad[box] += g
+        mark_used(full, g.shape)
+        ref_grad[box] += g
+        ours.step()
+        _reference_step(ref_param, ref_grad, ref_state, region, lr=1e-2, weight_decay=0.05)
+        assert torch.equal(full.detach(), ref_param), f"step {i}"
+        if i == 1:  # mid-way, moments in buffers: the state dict has them, and a new optimizer goes on from it
+            sd = copy.deepcopy(ours.state_dict())
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(sd["state"][0][k], ref_state[k])
+            ours = SharedAdamW([full], lr=1e-2, weight_decay=0.05)
+            ours.load_state_dict(sd)
+    ours.sync_state()
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(ours.state[full][k], ref_state[k])
+    assert ours.state[full]["step"].item() == ref_state["step"].item() == len(regions)
