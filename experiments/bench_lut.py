@@ -8,7 +8,10 @@ noise, the iPhone 12 prior and lookup speed.
    and the ratio to the 60 s target, with the load average (other processes share the machine).
 2. Time ``--validate`` random subnets end to end (each exported whole, timed alone in 3 rounds
    far apart; the best round counts) and compare them with the LUT sums, raw and calibrated
-   (leave-one-out), for both statistics the LUT stores (median, fastest run).
+   (leave-one-out), for both statistics the LUT stores (median, fastest run). With
+   ``--compare-runs N``, the LUT is built again with 5 warm-up and N timed runs per block (the
+   local-cpu profile's setting before 2026-12-03; blocks now get 1 and 10, whole networks still 5
+   and 30) and both are validated against the same subnets.
 3. Test-retest: the same ``--retest`` subnets measured end to end twice, in two separate
    processes. Run 2 against run 1 is the measurement's own disagreement (Spearman, MAPE, within
    5% / 10%); it is printed next to the LUT's calibrated fidelity against each run, so a
@@ -155,8 +158,8 @@ def _export_paths(specs: list, n: int, seed: int, work: Path, say) -> dict:
                 if way == "recorded":
                     fallbacks += onnx.load_model_from_string(data).producer_name != "nas-toolkit"
             fns = [_run_fn(item, paths[w], profile) for w in ("recorded", "torchscript", "torchscript")]
-            rec, ts, ts2 = (statistics.median(x) for x in
-                            runner.time_runs(fns, warmup=profile.warmup, repeats=profile.repeats))
+            warmup, repeats = profile.runs("entry")
+            rec, ts, ts2 = (statistics.median(x) for x in runner.time_runs(fns, warmup=warmup, repeats=repeats))
             ratios.append(rec / ts)
             floor.append(ts2 / ts)
             kinds.setdefault(spec.kind, []).append((rec / ts, ts2 / ts))
@@ -187,6 +190,33 @@ def _export_paths(specs: list, n: int, seed: int, work: Path, say) -> dict:
     return out
 
 
+def _compare_runs(space, profile, args, classes: int, chans: int, dist: bool, archs: list, nets: dict,
+                  lut: LatencyTable, seconds: float | None, say) -> dict:
+    """The LUT built again with 5 warm-up and ``--compare-runs`` timed runs per block, both validated
+    against the same end-to-end measurements: what the profile's fewer runs cost in fidelity."""
+    many = profile.replace(block_warmup=5, block_repeats=args.compare_runs)
+    path = args.work / f"lut-local-cpu-{args.resolution}-runs{args.compare_runs}.json"
+    path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    build_lut(space, many, resolution=args.resolution, out=path, num_classes=classes, in_chans=chans, jobs=args.jobs)
+    other_s = time.perf_counter() - t0
+    other = LatencyTable.load(path)
+    (w1, r1), (w2, r2) = profile.runs("entry"), many.runs("entry")
+    out: dict = {"profile": {"warmup": w1, "repeats": r1, "build_s": seconds},
+                 "compared": {"warmup": w2, "repeats": r2, "build_s": other_s}}
+    say(f"runs per block: the LUT built again with {w2} warm-up and {r2} timed runs per block in {other_s:.1f} s "
+        f"(the profile's {w1} and {r1}: {'reused' if seconds is None else f'{seconds:.1f} s'}), both against the "
+        f"same {len(archs)} subnets:")
+    for statistic in ("median", "min"):
+        for tag, table in ((f"{r1} runs", lut), (f"{r2} runs", other)):
+            table.set_statistic(statistic)
+            rep = validate_lut(table, archs, nets)
+            out.setdefault(statistic, {})[tag] = {"raw": rep.raw, "calibrated": rep.calibrated}
+            say(_line(f"{statistic}, {tag}, calibrated", rep.calibrated))
+    lut.set_statistic("median")
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", default="efficientformer_v2")
@@ -195,6 +225,9 @@ def main() -> int:
     p.add_argument("--retest", type=int, default=40, help="subnets measured twice, in two processes (0: skip)")
     p.add_argument("--export-blocks", type=int, default=60,
                    help="blocks written both ways (recorded and TorchScript), side by side (0: skip)")
+    p.add_argument("--compare-runs", type=int, default=30, metavar="N",
+                   help="also build the LUT with 5 warm-up and N timed runs per block (the profile's former "
+                        "setting) and validate both against the same subnets (0: skip)")
     p.add_argument("--measure-only", nargs=2, type=Path, metavar=("ARCHS", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=None, help="export workers (default: CPU count, max 8)")
@@ -261,6 +294,9 @@ def main() -> int:
             result["fidelity"][statistic] = {"raw": rep.raw, "calibrated": rep.calibrated,
                                              "calibration": rep.calibration.to_dict()}
         lut.set_statistic("median")
+        if args.compare_runs:
+            result["runs_check"] = _compare_runs(space, profile, args, classes, chans, dist, archs, nets, lut,
+                                                 result.get("build", {}).get("seconds"), say)
         validate_lut(lut, archs, nets, json_path=lut_path.with_name(lut_path.stem + ".validation.json"))
         lut.save()
         shutil.copyfile(args.work / "validation-median.png", lut_path.with_name(lut_path.stem + ".validation.png"))

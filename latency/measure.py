@@ -76,21 +76,22 @@ def _run_fn(item: Item, path: str, profile: DeviceProfile) -> Callable[[], Any]:
     return _runner.coreml_run_fn(path, item.input_shape, compute_units=profile.compute_units)
 
 
-def _time_group(fns: list[Callable[[], Any]], profile: DeviceProfile, retries: int) -> list[list[float]]:
-    """Time a group round-robin; re-time its noisy members (IQR > 10% of the median) up to ``retries`` times.
+def _time_group(fns: list[Callable[[], Any]], runs: tuple[int, int], retries: int) -> list[list[float]]:
+    """Time a group round-robin with ``runs = (warmup, repeats)``; re-time its noisy members (IQR > 10% of the
+    median) up to ``retries`` times.
 
     Another process that takes the CPU for a moment makes a measurement noisy and slow; a
     retry a moment later usually finds the CPU free. Each member keeps the timings of its
-    round with the lowest median (every round has the profile's warm-up and repeats).
+    round with the lowest median (every round has the same warm-up and repeats).
     """
-    samples = _runner.time_runs(fns, warmup=profile.warmup, repeats=profile.repeats, interleave=True)
+    warmup, repeats = runs
+    samples = _runner.time_runs(fns, warmup=warmup, repeats=repeats, interleave=True)
     best = [LatencyStats.from_samples(s) for s in samples]
     for _ in range(retries):
         noisy = [i for i, st in enumerate(best) if st.noisy]
         if not noisy:
             break
-        again = _runner.time_runs([fns[i] for i in noisy], warmup=profile.warmup, repeats=profile.repeats,
-                                  interleave=True)
+        again = _runner.time_runs([fns[i] for i in noisy], warmup=warmup, repeats=repeats, interleave=True)
         for i, s in zip(noisy, again):
             st = LatencyStats.from_samples(s)
             if st.median_ms < best[i].median_ms:
@@ -145,7 +146,7 @@ def _measure(entries: list[Item], models: list[Item], profile: DeviceProfile, *,
                 for item in g:
                     pipe.release(item)
                 pipe.quiet()
-                samples = _time_group(fns, profile, retries)
+                samples = _time_group(fns, profile.runs(g[0].kind), retries)
                 del fns
                 on_group(list(zip(g, samples)))
                 done += len(g)

@@ -97,6 +97,9 @@ class DeviceProfile(Schema):
         graph_optimization: ONNX Runtime level: disabled, basic, extended or all.
         warmup: untimed runs before timing, per model.
         repeats: timed runs per model (each one a replicate in the stats).
+        block_warmup: warm-up runs of each block when a LUT is built on this machine (None: ``warmup``);
+            whole networks (validation, calibration, extracted models) keep ``warmup``.
+        block_repeats: timed runs of each block in such a build (None: ``repeats``).
         description: free text shown in reports.
 
     Build one from user data with :meth:`from_dict` (or :func:`load_profile_file`), which
@@ -116,6 +119,8 @@ class DeviceProfile(Schema):
     graph_optimization: Literal[GRAPH_OPTIMIZATIONS] = "all"
     warmup: int = Field(10, ge=0)
     repeats: int = Field(50, ge=1)
+    block_warmup: int | None = Field(None, ge=0)
+    block_repeats: int | None = Field(None, ge=1)
     description: str = ""
 
     @field_validator("name")
@@ -141,6 +146,13 @@ class DeviceProfile(Schema):
             raise ValueError("must be a non-empty list of ONNX Runtime execution providers whose names end in "
                              "'ExecutionProvider', such as ['CPUExecutionProvider']")
         return value
+
+    def runs(self, kind: str) -> tuple[int, int]:
+        """``(warmup, repeats)`` for a block of a LUT build (``kind="entry"``) or a whole network (``"model"``)."""
+        if kind == "entry":
+            return (self.warmup if self.block_warmup is None else self.block_warmup,
+                    self.repeats if self.block_repeats is None else self.block_repeats)
+        return self.warmup, self.repeats
 
     @property
     def model_format(self) -> str:
@@ -192,11 +204,14 @@ _BUILTIN: dict[str, DeviceProfile] = {
             backend="onnxruntime",
             is_local=True,
             threads=1,
-            # One warm-up run (only a session's first run is slow: 5% on the median, 2026-12-03), and 10
-            # timed runs: LUTs built with 10 and with 30 runs per block (the full V2 space at 224) matched
-            # the same end-to-end measurements equally well, while 30 runs took twice as long.
-            warmup=1,
-            repeats=10,
+            warmup=5,
+            repeats=30,
+            # Blocks of a LUT build: one warm-up run (only a session's first run is slow, by 5% on the
+            # median) and 10 timed runs. LUTs of the full V2 space at 224 built with 10 and with 30 runs
+            # per block matched the same end-to-end measurements equally well, and 30 took 2.7x as long
+            # (`experiments/bench_lut.py --compare-runs 30`, 2026-12-03).
+            block_warmup=1,
+            block_repeats=10,
             description="ONNX Runtime on this machine's CPU, fp32, all graph optimisations",
         ),
         DeviceProfile(

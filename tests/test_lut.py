@@ -24,6 +24,7 @@ from latency import (
     predict_latency,
 )
 from latency.build import build_lut, import_results, lut_specs, parse_shard, write_bundle
+from latency.measure import VALIDATION_ROUNDS
 from latency.prior import (
     IPHONE12_PRESET_MS,
     block_features,
@@ -376,6 +377,19 @@ def test_build_resume_shard_and_validate(tmp_path: Path) -> None:
     assert merged.keys() == res.table.keys() and merged.complete
     with pytest.raises(NasUserError, match="refusing to resume.*resolution=32.*resolution=64"):
         build_lut(space, FAST, out=out, resolution=64, num_classes=10, in_chans=1)
+
+
+def test_blocks_and_whole_networks_get_their_own_runs(tmp_path: Path) -> None:
+    """A profile's block runs time the LUT's blocks; whole networks keep its warmup and repeats."""
+    space = tiny_space()
+    prof = FAST.replace(block_warmup=0, block_repeats=3)
+    assert prof.runs("entry") == (0, 3) and prof.runs("model") == (1, 5) and FAST.runs("entry") == (1, 5)
+    res = build_lut(space, prof, out=tmp_path / "lut.json", jobs=1, chunk=4,
+                    validation_archs=sample_archs(space, 1, seed=4), **SETUP)  # type: ignore[arg-type]
+    assert {e.stats.count for _, e in res.table.items()} == {3}
+    assert [st.count for rounds in res.network_rounds.values() for st in rounds] == [5] * VALIDATION_ROUNDS
+    with pytest.raises(NasUserError, match="block_repeats"):
+        FAST.replace(block_repeats=0)
 
 
 def test_local_bundle_round_trip_with_runner_subprocess(tmp_path: Path) -> None:
