@@ -100,8 +100,10 @@ def _retest_runs(archs: list, setup: LoweringSetup, jobs: int | None, work: Path
     return runs
 
 
-def _retest(lut: LatencyTable, archs: list, runs: list[dict[str, LatencyStats]], say) -> dict:
-    """Run 2 against run 1 (the noise floor) and the LUT's fidelity against each run, per statistic."""
+def _retest(lut: LatencyTable, archs: list, runs: list[dict[str, LatencyStats]], say,
+            other: tuple[str, LatencyTable] | None = None) -> dict:
+    """Run 2 against run 1 (the noise floor) and the LUT's fidelity against each run, per statistic; also
+    ``other``'s (a second LUT, by tag), if given."""
     names = [f"subnet-{a.hash}" for a in archs]
     out: dict = {"n": len(names)}
     for statistic in ("min", "median"):
@@ -116,6 +118,14 @@ def _retest(lut: LatencyTable, archs: list, runs: list[dict[str, LatencyStats]],
         say(_line("run 2 vs run 1 (noise floor)", out[statistic]["run2_vs_run1"]))
         say(_line("LUT calibrated (LOO) vs run 1", vs[0].calibrated))
         say(_line("LUT calibrated (LOO) vs run 2", vs[1].calibrated))
+        if other is not None:
+            tag, table = other
+            table.set_statistic(statistic)
+            ws = [validate_lut(table, archs, run) for run in runs]
+            out[statistic][f"{tag}_vs_run1"] = {"raw": ws[0].raw, "calibrated": ws[0].calibrated}
+            out[statistic][f"{tag}_vs_run2"] = {"raw": ws[1].raw, "calibrated": ws[1].calibrated}
+            say(_line(f"{tag} LUT vs run 1", ws[0].calibrated))
+            say(_line(f"{tag} LUT vs run 2", ws[1].calibrated))
     lut.set_statistic("median")
     return out
 
@@ -309,7 +319,10 @@ def main() -> int:
                                                  distillation=dist), args.jobs, args.work)
         say(f"test-retest: {args.retest} subnets measured twice in {time.perf_counter() - t0:.1f} s; load average "
             f"{_load()}")
-        result["retest"] = _retest(LatencyTable.load(lut_path), archs, runs, say)
+        compared = args.work / f"lut-local-cpu-{args.resolution}-runs{args.compare_runs}.json"
+        other = (f"{args.compare_runs}-run", LatencyTable.load(compared)) \
+            if "runs_check" in result and compared.is_file() else None
+        result["retest"] = _retest(LatencyTable.load(lut_path), archs, runs, say, other)
         result["retest"]["archs"] = {f"subnet-{a.hash}": a.to_dict() for a in archs}
         result["retest"]["runs"] = [{k: st.to_dict() for k, st in run.items()} for run in runs]
 
