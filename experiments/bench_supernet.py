@@ -37,7 +37,7 @@ def s0_shaped(space_name: str) -> ArchConfig:
     ), sp.stem_stride))
 
 
-def step_fn(model, forward, x, y, *, optimizer: bool):
+def step_fn(model, forward, x, y, *, optimizer: bool, opt_times: list[float] | None = None):
     """One training step as nas-train runs it: the supernet with its SharedAdamW (which zeroes and
     steps only the regions a step used), a static model with torch's AdamW. Both run torch's fused
     AdamW kernel, so the ratio compares like with like (torch's default on CPU, a loop over
@@ -47,14 +47,19 @@ def step_fn(model, forward, x, y, *, optimizer: bool):
            else torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
 
     def step() -> None:
+        t0 = time.perf_counter()
         if shared:
             opt.zero_grad()
         else:
             opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
         loss = F.cross_entropy(forward(x), y)
         loss.backward()
         if optimizer:
+            t2 = time.perf_counter()
             opt.step()
+            if opt_times is not None:  # the optimizer's own share: zero_grad and step
+                opt_times.append(1000 * (t1 - t0 + time.perf_counter() - t2))
     return step
 
 
@@ -119,9 +124,10 @@ def bench_pair(space_name: str, arch: ArchConfig, *, resolution: int, in_chans: 
         net, static = net.to(memory_format=torch.channels_last), static.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     net.train(), static.train()
+    opt_ms: dict[str, list[float]] = {"static": [], "supernet": []}
     steps = {
-        "static": step_fn(static, static, x, y, optimizer=True),
-        "supernet": step_fn(net, lambda t: net(t, arch), x, y, optimizer=True),
+        "static": step_fn(static, static, x, y, optimizer=True, opt_times=opt_ms["static"]),
+        "supernet": step_fn(net, lambda t: net(t, arch), x, y, optimizer=True, opt_times=opt_ms["supernet"]),
         "static_fb": step_fn(static, static, x, y, optimizer=False),
         "supernet_fb": step_fn(net, lambda t: net(t, arch), x, y, optimizer=False),
     }
@@ -143,6 +149,8 @@ def bench_pair(space_name: str, arch: ArchConfig, *, resolution: int, in_chans: 
         "ratio": med["supernet"] / med["static"],
         "static_fwd_bwd_ms": med["static_fb"], "supernet_fwd_bwd_ms": med["supernet_fb"],
         "ratio_fwd_bwd": med["supernet_fb"] / med["static_fb"],
+        "static_optimizer_ms": statistics.median(opt_ms["static"][3:]),
+        "supernet_optimizer_ms": statistics.median(opt_ms["supernet"][3:]),
         "supernet_params": sum(p.numel() for p in net.parameters()),
     }
 
@@ -190,16 +198,18 @@ def main() -> None:
     ]
     rows = []
     print(f"threads {args.threads}, repeats {args.repeats}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    print("step = zero_grad + forward + backward + AdamW step; fwd+bwd = without the optimizer step")
+    print("step = zero_grad + forward + backward + AdamW step; fwd+bwd = without the optimizer step; optimizer ms = "
+          "zero_grad + step, timed inside the full steps")
     print(f"{'space':<24} {'config':<21} {'res':>4} {'batch':>5} {'params':>9} {'static ms':>10} {'super ms':>10} "
-          f"{'ratio':>6} {'fwd+bwd ratio':>14}")
+          f"{'ratio':>6} {'fwd+bwd ratio':>14} {'optimizer ms (static / super)':>30}")
     for space_name, label, arch, res, chans, batch in cases:
         r = bench_pair(space_name, arch, resolution=res, in_chans=chans, batch=batch, repeats=args.repeats,
                        channels_last=True)
         r["config"] = label
         rows.append(r)
         print(f"{space_name:<24} {label:<21} {res:>4} {batch:>5} {r['params']:>9,} {r['static_ms']:>10.1f} "
-              f"{r['supernet_ms']:>10.1f} {r['ratio']:>6.3f} {r['ratio_fwd_bwd']:>14.3f}")
+              f"{r['supernet_ms']:>10.1f} {r['ratio']:>6.3f} {r['ratio_fwd_bwd']:>14.3f} "
+              f"{r['static_optimizer_ms']:>14.1f} / {r['supernet_optimizer_ms']:<13.1f}")
     sandwiches = [bench_sandwich("efficientformer_v2_demo", resolution=32, in_chans=1, batch=128,
                                  repeats=max(3, args.repeats // 3), stem_stride=2),
                   bench_sandwich("efficientformer_v2", resolution=64, in_chans=3, batch=32,

@@ -77,11 +77,14 @@ def render() -> str:
     sn = _load("supernet")
     if sn:
         lines += ["**Supernet vs static training step** (same config, batch and threads, interleaved; target <= 1.10):",
-                  "", "| space | config | params | static ms | supernet ms | step ratio | fwd+bwd ratio |",
-                  "|---|---|---|---|---|---|---|"]
+                  "", "| space | config | params | static ms | supernet ms | step ratio | fwd+bwd ratio | "
+                      "optimizer ms (static / supernet) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in sn["rows"]:
+            opt = (f"{r['static_optimizer_ms']:.1f} / {r['supernet_optimizer_ms']:.1f}"
+                   if "supernet_optimizer_ms" in r else "n/a")
             lines.append(f"| {r['space']} | {r['config']} | {r['params']:,} | {r['static_ms']:.1f} | "
-                         f"{r['supernet_ms']:.1f} | {r['ratio']:.3f} | {r['ratio_fwd_bwd']:.3f} |")
+                         f"{r['supernet_ms']:.1f} | {r['ratio']:.3f} | {r['ratio_fwd_bwd']:.3f} | {opt} |")
         lines += ["", f"Sandwich-rule training throughput: {sn['train']['images_per_s']:.0f} images/s "
                       f"(about {sn['train']['fashion_mnist_epoch_s_estimate']:.0f} s per Fashion-MNIST epoch)."]
         if "train_full_v2" in sn:
