@@ -133,9 +133,6 @@ class BlockSpec:
         A copy of this (validated) spec with only its position changed, so it skips ``__post_init__``
         and keeps the cached :attr:`key` (which leaves the position out); enumerating the full V2 space
         places some 77,000 specs."""
-        for name, v in (("stage", stage), ("slot", slot)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise SpaceError(f"BlockSpec.{name} must be an int, got {v!r}")
         placed = object.__new__(BlockSpec)
         placed.__dict__.update(self.__dict__)
         placed.__dict__["stage"], placed.__dict__["slot"] = stage, slot
