@@ -213,7 +213,7 @@ def _compare_runs(space, profile, args, classes: int, chans: int, dist: bool, ar
     other = LatencyTable.load(path)
     (w1, r1), (w2, r2) = profile.runs("entry"), many.runs("entry")
     out: dict = {"profile": {"warmup": w1, "repeats": r1, "build_s": seconds},
-                 "compared": {"warmup": w2, "repeats": r2, "build_s": other_s}}
+                 "compared": {"warmup": w2, "repeats": r2, "build_s": other_s, "lut": str(path)}}
     say(f"runs per block: the LUT built again with {w2} warm-up and {r2} timed runs per block in {other_s:.1f} s "
         f"(the profile's {w1} and {r1}: {'reused' if seconds is None else f'{seconds:.1f} s'}), both against the "
         f"same {len(archs)} subnets:")
@@ -319,9 +319,10 @@ def main() -> int:
                                                  distillation=dist), args.jobs, args.work)
         say(f"test-retest: {args.retest} subnets measured twice in {time.perf_counter() - t0:.1f} s; load average "
             f"{_load()}")
-        compared = args.work / f"lut-local-cpu-{args.resolution}-runs{args.compare_runs}.json"
-        other = (f"{args.compare_runs}-run", LatencyTable.load(compared)) \
-            if "runs_check" in result and compared.is_file() else None
+        other = None
+        if "runs_check" in result:  # the LUT built with more runs per block, scored on the same retest runs
+            compared = result["runs_check"]["compared"]
+            other = (f"{compared['repeats']}-run", LatencyTable.load(compared["lut"]))
         result["retest"] = _retest(LatencyTable.load(lut_path), archs, runs, say, other)
         result["retest"]["archs"] = {f"subnet-{a.hash}": a.to_dict() for a in archs}
         result["retest"]["runs"] = [{k: st.to_dict() for k, st in run.items()} for run in runs]

@@ -85,12 +85,16 @@ class _Plan:
         self.loaded = self.dirty = False
 
 
+def _moment_ptrs(state: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The memory behind a parameter's two moments (None where there is none yet)."""
+    return tuple(None if state.get(k) is None else state[k].data_ptr()  # type: ignore[return-value]
+                 for k in ("exp_avg", "exp_avg_sq"))
+
+
 def _plan_key(p: torch.Tensor, region: tuple[int, ...], state: dict[str, Any]) -> tuple[Any, ...]:
     """What a plan's views depend on: the region, and the memory behind the parameter, its gradient and moments
     (a new tensor there, e.g. after ``load_state_dict`` or a change of memory format, makes a new plan)."""
-    grad, avg, sq = p.grad, state.get("exp_avg"), state.get("exp_avg_sq")
-    return (region, p.data_ptr(), p.stride(), None if grad is None else grad.data_ptr(),
-            None if avg is None else avg.data_ptr(), None if sq is None else sq.data_ptr())
+    return (region, p.data_ptr(), p.stride(), None if p.grad is None else p.grad.data_ptr(), *_moment_ptrs(state))
 
 
 class SharedAdamW(torch.optim.Optimizer):
@@ -129,8 +133,7 @@ class SharedAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------- state kept in buffers
     def _write_back(self, plan: _Plan, p: torch.Tensor) -> None:
         """Write a plan's moments back to the state tensors, if they are newer and those tensors are still ``p``'s."""
-        state = self.state.get(p, {})
-        if plan.dirty and plan.key[4:] == (state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr()):
+        if plan.dirty and plan.key[-2:] == _moment_ptrs(self.state[p]):
             torch._foreach_copy_(list(plan.views[2:]), list(plan.buffers[2:]))  # type: ignore[index]
         plan.dirty = False
 
