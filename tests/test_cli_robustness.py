@@ -307,6 +307,9 @@ SEARCH_CASES = [
          _edited_lut(F.LUT_NAME, _set("space_hash", "0123456789ab"))),
     Case("incomplete-lut", ("--latency", "1ms"), ("incomplete",), _edited_lut(F.LUT_NAME, _drop_head_entries)),
     Case("no-run-here", ("--latency", "1ms"), ("nas-train",), _remove("runs")),
+    # a bad value is named before any missing file
+    Case("bad-value-no-run", ("--latency", "bogus", "--max-params", "5M"), ("bogus", "unit"), _remove("runs")),
+    Case("bad-params-no-run", ("--latency", "1ms", "--max-params", "5Q"), ("--max-params", "5Q"), _remove("runs")),
     Case("corrupt-supernet-weights", ("--latency", "1ms"), ("supernet.safetensors",), _corrupt_weights),
     Case("bad-storage-url", ("--latency", "1ms", "--strategy", "nsga2", "--storage", "bogus://x"), ("storage",)),
 ]
