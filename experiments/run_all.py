@@ -7,8 +7,8 @@ and V1 latency-driven slimming against greedy slimming (``gumbel``). Each writes
 script then renders ``experiments/results/summary.md`` and copies it into README.md between the
 ``<!-- results:start -->`` and ``<!-- results:end -->`` markers.
 
-``--quick`` passes ``--quick`` to the three evidence benchmarks (each <= 15 minutes on 2 cores);
-their full modes take hours on CPU.
+``--quick`` passes ``--quick`` to the three evidence benchmarks (ranking <= 15 minutes, baselines
+about 20, gumbel about 30 on 2 cores); their full modes take hours on CPU.
 
     python experiments/run_all.py [--quick] [--only NAME ...] [--skip NAME ...] [--summary-only]
 """
@@ -209,7 +209,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip", nargs="*", default=[], choices=sorted(BENCHES))
     p.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
-    p.add_argument("--quick", action="store_true", help=f"quick modes of {', '.join(QUICK)} (<= 15 min each)")
+    p.add_argument("--quick", action="store_true", help=f"quick modes of {', '.join(QUICK)} (15-30 min each on 2 cores)")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
