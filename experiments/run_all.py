@@ -161,6 +161,12 @@ def _mode(d: dict) -> str:
     return "full" if mode == "full" else f"`--{mode}`"
 
 
+def _rel(path: str) -> str:
+    """``path`` relative to the repository where it lies inside it."""
+    p = Path(path)
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
+
+
 def _evidence() -> list[str]:
     """The evidence benchmarks: their tables and their verdicts, in plain words."""
     lines: list[str] = []
@@ -174,21 +180,24 @@ def _evidence() -> list[str]:
             k, s_ = st["kendall"], st["spearman"]
             lines.append(f"| {name.replace('_', ' ')} | {k[0]:.3f} [{k[1]:.3f}, {k[2]:.3f}] | "
                          f"{s_[0]:.3f} [{s_[1]:.3f}, {s_[2]:.3f}] |")
-        lines.append("")
+        lines += ["", f"![Rank fidelity: proxy and fine-tuned accuracy against standalone accuracy]"
+                      f"(experiments/results/{rk['plot']})", ""]
     bl = _load("baselines")
     if bl:
-        lines += [f"**Baselines at equal budgets** ({_mode(bl)} mode; fine-tuned test accuracy, mean ± std over seeds "
+        lines += [f"**Baselines at equal budgets** ({_mode(bl)} mode; supernet `{_rel(bl['supernet'])}`; fine-tuned test "
+                  f"accuracy, mean ± std over seeds "
                   f"{bl['seeds'] if isinstance(bl['seeds'], list) else bl['settings'].get('seeds')}; "
-                  f"measured latency: ORT, 1 thread):", "",
-                  "| budget | method | params | LUT ms | measured ms | proxy | fine-tuned test |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"measured latency: ORT, 1 thread; real evals: accuracy evaluations the method made, "
+                  f"slim's partly on fewer images):", "",
+                  "| budget | method | real evals | params | LUT ms | measured ms | proxy | fine-tuned test |",
+                  "|---|---|---|---|---|---|---|---|"]
         for b in bl["budgets"]:
             for name, pk in b["picks"].items():
                 if not pk.get("arch"):
-                    lines.append(f"| {b['label']} | {name} | - | - | - | - | nothing feasible |")
+                    lines.append(f"| {b['label']} | {name} | {pk.get('evaluated', 0)} | - | - | - | - | nothing feasible |")
                     continue
                 ft = pk.get("test_mean")
-                lines.append(f"| {b['label']} | {name} | {pk['params']:,} | {pk['lut_ms']:.3f} | "
+                lines.append(f"| {b['label']} | {name} | {pk.get('evaluated', 0)} | {pk['params']:,} | {pk['lut_ms']:.3f} | "
                              f"{pk.get('measured_ms', float('nan')):.3f} | {100 * pk['proxy']:.2f}% | "
                              + (f"{_pm(ft, pk.get('test_std'))} |" if ft is not None else "- |"))
         lines += ["", *(f"- {v}" for v in bl["verdicts"]), ""]
