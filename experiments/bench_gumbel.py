@@ -33,8 +33,8 @@ for the V2 demo space, see README), builds the LUT (about a minute), runs 6 sear
 validation images (a few minutes each for slim), and fine-tunes each distinct pick 3 times for an
 epoch on 55,000 images: roughly an hour in all. ``--quick`` trains 1 epoch on a 6,000-image subset,
 searches on 1,000 validation images with 60 Gumbel steps, fine-tunes on the same subset and tests on
-5,000 images; it is sized for 15 minutes (an estimate from the parts' throughput; the smoke run
-below takes about 2 minutes on 1 thread). Every step's time is printed and kept in the JSON.
+5,000 images; it took 28 minutes on 2026-12-02 (on a machine shared with a test suite; the smoke
+run below takes about 2 minutes on 1 thread). Every step's time is printed and kept in the JSON.
 
     python experiments/bench_gumbel.py [--quick] [--work demo-v1] [--json experiments/results/gumbel.json]
     python experiments/bench_gumbel.py --dataset synthetic:512 --quick --threads 1 --work /tmp/gb   # smoke

@@ -172,8 +172,9 @@ def _evidence() -> list[str]:
     lines: list[str] = []
     rk = _load("ranking")
     if rk:
-        lines += [f"**Rank fidelity** ({_mode(rk)} mode, {len(rk['rows'])} subnets stratified by LUT latency, "
-                  f"{rk['seeds']} standalone seeds, {rk['epochs']} epoch(s), {rk['seconds'] / 60:.0f} min): "
+        lines += [f"**Rank fidelity** ({_mode(rk)} mode, supernet `{_rel(rk['supernet'])}`, {len(rk['rows'])} subnets "
+                  f"stratified by LUT latency, {rk['seeds']} standalone seeds, {rk['epochs']} epoch(s) on "
+                  f"{rk.get('train_images') or 'all'} training images, {rk['seconds'] / 60:.0f} min): "
                   f"bootstrap 95% intervals; scatter plot `experiments/results/{rk['plot']}`.", "",
                   "| against standalone accuracy | Kendall tau | Spearman |", "|---|---|---|"]
         for name, st in rk["stats"].items():
