@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,29 @@ def test_fast_slim_walks_a_greedy_path_of_real_evaluations(setup) -> None:
     assert any(" + " in str(r["action"]) for r in out.path), "no step combined actions while far from budget"
     steps = [r for r in out.path[1:]]
     assert all(r["mes"] > p["mes"] for p, r in zip(out.path, steps)), "MES must grow at every step"
+
+
+@pytest.mark.parametrize("exhaustive", [False, True], ids=["fast", "exhaustive"])
+def test_slim_repeats_a_move_when_no_single_action_gains_mes(setup, exhaustive: bool) -> None:
+    """Latency that is not monotone in width (as ONNX Runtime's kernels favour multiples of 16): every
+    one-step width move from an aligned width times slower, two steps faster. Slimming must not stop there
+    over its budget (it used to: "no subnet meets the budgets" with the smallest config well within)."""
+    net, _ = setup
+    space = net.space
+
+    def ms(arch) -> float:   # 1 ms per 10M MACs, plus 1 ms for each stage whose width is not a multiple of 16
+        return count_macs(net.lower(arch)) / 1e7 + sum(st.width % 16 != 0 for st in arch.stages)
+
+    budgets = Budgets.parse([f"{1.01 * ms(space.smallest()):.6f}ms"], default_device="model")
+    scorer = Scorer(space=space, accuracy=_evaluator(setup, prefix_cache_bytes=1 << 30), budgets=budgets,
+                    primary_device="model", lower=net.lower, latency={"model": LatencyModel("model", ms, "predicted")})
+    settings = SearchSettings(exhaustive=exhaustive, max_actions=3 if exhaustive else 0, top_k=3, explore=1,
+                              rung_images=32, extra_steps=0)
+    out = get_strategy("slim").run(scorer, settings)
+    assert out.best is not None and out.best.feasible, f"stopped at {out.path[-1]['arch']}"
+    repeated = [r["action"] for r in out.path[1:] if re.search(r"(s\d\.width) \d+->\d+ \+ \1 ", r["action"])]
+    assert repeated, [r["action"] for r in out.path]
+    assert all(r["mes"] > p["mes"] for p, r in zip(out.path, out.path[1:])), "MES must grow at every step"
 
 
 def test_exhaustive_flag_runs_the_original_algorithm(setup) -> None:

@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..search import Candidate, Progress, Scorer, SearchOutcome, SearchSettings, best_feasible, register_strategy
@@ -54,6 +55,37 @@ class SlimStrategy:
         return exhaustive_slim(scorer, settings, progress=progress)
 
 
+def _move(name: str) -> str:
+    """What a slimming action does, without its step: ``s4.width 352->344`` -> ``s4.width``,
+    ``s1.drop block 5`` -> ``s1.drop block`` (the same move from the config it leads to has the same key)."""
+    head, _, last = name.rpartition(" ")
+    return head if head and ("->" in last or last.isdigit()) else name
+
+
+def unstuck_actions(scorer: Scorer, current: Candidate, actions: list[SlimAction]) -> list[SlimAction]:
+    """Each action repeated until it gains MES, for a current config that no single action improves.
+
+    On a measured LUT latency is not monotone in width: ONNX Runtime's kernels favour channel counts
+    that are multiples of 16, so every one-step move from a config can time slower (352 -> 344
+    channels), while two steps of one of them (352 -> 336) are faster. Greedy slimming would stop
+    there, over its budgets, with smaller configs in reach. Each returned action is one move applied
+    as many times as it takes to gain MES (a move that never does is left out), so the path stays
+    strictly increasing in MES.
+    """
+    out = []
+    for act in actions:
+        chain, arch = [act], act.arch
+        while scorer.with_accuracy(arch, math.nan).mes <= current.mes:
+            nxt = [a for a in scorer.space.slimming_actions(arch) if _move(a.name) == _move(act.name)]
+            if not nxt:
+                break
+            chain.append(nxt[0])
+            arch = nxt[0].arch
+        else:
+            out.append(replace(act, name=" + ".join(a.name for a in chain), arch=arch))
+    return out
+
+
 def exhaustive_slim(scorer: Scorer, settings: SearchSettings, *, progress: Progress | None = None) -> SearchOutcome:
     """Greedy slimming in which every action (or ``max_actions`` random ones) of every step is evaluated."""
     t0 = time.perf_counter()
@@ -72,6 +104,8 @@ def exhaustive_slim(scorer: Scorer, settings: SearchSettings, *, progress: Progr
         if not actions:
             break
         best = _best_action(scorer, current, actions, settings.max_actions, rng)
+        if best is None and not current.feasible:  # no single action gains MES: repeat moves until one does
+            best = _best_action(scorer, current, unstuck_actions(scorer, current, actions), settings.max_actions, rng)
         if best is None:
             break
         step += 1

@@ -124,8 +124,17 @@ class _FastSlim:
 
     # ------------------------------------------------------------------ one step
     def _trials(self, cur: Candidate) -> list[_Trial]:
+        from .slim import unstuck_actions
+
+        actions = self.space.slimming_actions(cur.arch)
+        out = self._gaining(cur, actions)
+        if not out and not cur.feasible:  # no single action gains MES: repeat moves until one does
+            out = self._gaining(cur, unstuck_actions(self.scorer, cur, actions))
+        return out
+
+    def _gaining(self, cur: Candidate, actions: list[SlimAction]) -> list[_Trial]:
         out = []
-        for act in self.space.slimming_actions(cur.arch):
+        for act in actions:
             est = self.scorer.with_accuracy(act.arch, math.nan)
             if est.mes - cur.mes > 0:
                 out.append(_Trial(act, est, est.mes - cur.mes))
