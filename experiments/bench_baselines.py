@@ -70,7 +70,7 @@ images, and evaluates proxies on the first 1,000 validation images with 2 calibr
 mode (``--eval-cap N`` caps them, and the verdicts then say where the counts were not matched).
 A slim search on 1,000 images takes 15-20 s with about 100 evaluations, most of them on part of
 the images; a real evaluation of nsga2 or random, on all 1,000, about 0.5 s; a 6,000-image
-fine-tuning epoch 8-13 s, 45 of them at most: about 20 minutes in all. The full mode uses the
+fine-tuning epoch 8-13 s, 45 of them at most: 17.5 minutes in all on 2026-12-03. The full mode uses the
 whole splits (5,000 validation images, 4 calibration batches): expect one to two hours.
 ``--smoke`` is for a tiny synthetic run folder only (256 training, 200 test and at most 200
 validation images, 1 calibration batch, 8 evaluations, 1 latency round).
