@@ -169,9 +169,8 @@ def _resolve(cfg: SearchRunConfig, say: Callable[[str], None]) -> _Inputs:
     from supernet.run import find_latest_run, load_run
 
     # the budgets' values first, so that a typo is named before any file is looked for (the device of a
-    # bare --latency is only known once the LUTs are found)
-    Budgets.parse(cfg.latency, default_device=cfg.device or "default", max_params=cfg.max_params,
-                  max_macs=cfg.max_macs)
+    # bare --latency is only known once the LUTs are found; "" stands in for it, as no device has that name)
+    Budgets.parse(cfg.latency, default_device=cfg.device or "", max_params=cfg.max_params, max_macs=cfg.max_macs)
     if cfg.supernet is None:
         run_dir = find_latest_run(".")
         say(f"nas-search: using the latest supernet run {run_dir} (set --supernet to choose)")
