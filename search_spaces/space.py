@@ -144,12 +144,16 @@ class SlimAction:
             whole (width, depth). Two actions with different stages, or different blocks of the
             same stage that neither changes as a whole, can be applied together
             (:meth:`SearchSpace.combine`).
+        move: the kind of step, without the values it steps from and to: ``s3.width``,
+            ``s3.drop block``, ``s3.block 2 expansion``. The same move made again from the config
+            the action leads to has the same ``move`` ("" when not known).
     """
 
     name: str
     arch: ArchConfig
     stage: int = -1
     block: int = -1
+    move: str = ""
 
     def conflicts(self, other: SlimAction) -> bool:
         """Whether the two actions touch the same stage as a whole or the same block."""
@@ -421,20 +425,21 @@ class SearchSpace:
             n_attn = sum(b.mixer != ch.plain_mixer for b in blocks)
             n_plain = len(blocks) - n_attn
 
-            def emit(name: str, new_blocks: list[BlockConfig], width: int = st.width, block: int = -1) -> None:
+            def emit(name: str, move: str, new_blocks: list[BlockConfig], width: int = st.width,
+                     block: int = -1) -> None:
                 cand = arch.replace_stage(si, StageConfig(width, tuple(new_blocks)))
                 if self.contains(cand):
-                    actions.append(SlimAction(name, cand, si, block))
+                    actions.append(SlimAction(name, cand, si, block, f"{tag}.{move}"))
 
             wi = ch.widths.index(st.width)
             if wi > 0:
-                emit(f"{tag}.width {st.width}->{ch.widths[wi - 1]}", blocks, ch.widths[wi - 1])
+                emit(f"{tag}.width {st.width}->{ch.widths[wi - 1]}", "width", blocks, ch.widths[wi - 1])
             if n_plain:
-                emit(f"{tag}.drop block {n_plain}", blocks[: n_plain - 1] + blocks[n_plain:])
+                emit(f"{tag}.drop block {n_plain}", "drop block", blocks[: n_plain - 1] + blocks[n_plain:])
             if n_attn:
-                emit(f"{tag}.drop attention block {len(blocks)}", blocks[:-1])
+                emit(f"{tag}.drop attention block {len(blocks)}", "drop attention block", blocks[:-1])
                 first = blocks[n_plain]
-                emit(f"{tag}.block {n_plain + 1} {first.mixer}->{ch.plain_mixer}",
+                emit(f"{tag}.block {n_plain + 1} {first.mixer}->{ch.plain_mixer}", "first attention block to plain",
                      blocks[:n_plain] + [BlockConfig(ch.plain_mixer, first.expansion)] + blocks[n_plain + 1:],
                      block=n_plain)
             for bi, b in enumerate(blocks):
@@ -442,13 +447,15 @@ class SearchSpace:
                 if ei > 0:
                     nb = list(blocks)
                     nb[bi] = BlockConfig(b.mixer, ch.expansions[ei - 1])
-                    emit(f"{tag}.block {bi + 1} expansion {b.expansion}->{ch.expansions[ei - 1]}", nb, block=bi)
+                    emit(f"{tag}.block {bi + 1} expansion {b.expansion}->{ch.expansions[ei - 1]}",
+                         f"block {bi + 1} expansion", nb, block=bi)
                 if b.mixer in ch.attn_mixers:
                     mi = ch.attn_mixers.index(b.mixer)
                     if mi > 0:
                         nb = list(blocks)
                         nb[bi] = BlockConfig(ch.attn_mixers[mi - 1], b.expansion)
-                        emit(f"{tag}.block {bi + 1} {b.mixer}->{ch.attn_mixers[mi - 1]}", nb, block=bi)
+                        emit(f"{tag}.block {bi + 1} {b.mixer}->{ch.attn_mixers[mi - 1]}",
+                             f"block {bi + 1} cheaper mixer", nb, block=bi)
         return actions
 
     def combine(self, arch: ArchConfig, actions: Sequence[SlimAction]) -> ArchConfig:

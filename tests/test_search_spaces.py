@@ -268,6 +268,27 @@ def test_slimming_actions_stay_in_space_and_never_add_parameters(name: str) -> N
 
 
 @pytest.mark.parametrize("name", list_spaces())
+def test_slimming_actions_name_their_move_and_the_move_repeats(name: str) -> None:
+    """``move`` is one key per kind of step and place: distinct within a config, and the same move
+    made again from the config an action leads to (when there is one) changes the same stage again."""
+    space = get_space(name)
+    repeated = 0
+    for arch in [space.largest(), *(space.sample(seed) for seed in range(10))]:
+        actions = space.slimming_actions(arch)
+        assert len({a.move for a in actions}) == len(actions), [a.move for a in actions]
+        for action in actions:
+            assert action.move.startswith(f"s{action.stage + 1}."), (action.move, action.name)
+            again = [a for a in space.slimming_actions(action.arch) if a.move == action.move]
+            assert len(again) <= 1
+            if again:
+                repeated += 1
+                assert again[0].stage == action.stage and again[0].block == action.block or \
+                    action.move.endswith("first attention block to plain"), (action.name, again[0].name)
+                assert again[0].arch != action.arch
+    assert repeated
+
+
+@pytest.mark.parametrize("name", list_spaces())
 def test_every_sample_lowers_at_the_test_resolution(name: str) -> None:
     space = get_space(name)
     for seed in range(100):

@@ -55,11 +55,10 @@ class SlimStrategy:
         return exhaustive_slim(scorer, settings, progress=progress)
 
 
-def _move(name: str) -> str:
-    """What a slimming action does, without its step: ``s4.width 352->344`` -> ``s4.width``,
-    ``s1.drop block 5`` -> ``s1.drop block`` (the same move from the config it leads to has the same key)."""
-    head, _, last = name.rpartition(" ")
-    return head if head and ("->" in last or last.isdigit()) else name
+def _move(action: SlimAction) -> str:
+    """What a slimming action does, without its step (:attr:`SlimAction.move`; an action made without
+    one is known by its whole name, so it is never repeated)."""
+    return action.move or action.name
 
 
 def unstuck_actions(scorer: Scorer, current: Candidate, actions: list[SlimAction]) -> list[SlimAction]:
@@ -76,7 +75,7 @@ def unstuck_actions(scorer: Scorer, current: Candidate, actions: list[SlimAction
     for act in actions:
         chain, arch = [act], act.arch
         while scorer.with_accuracy(arch, math.nan).mes <= current.mes:
-            nxt = [a for a in scorer.space.slimming_actions(arch) if _move(a.name) == _move(act.name)]
+            nxt = [a for a in scorer.space.slimming_actions(arch) if _move(a) == _move(act)]
             if not nxt:
                 break
             chain.append(nxt[0])
