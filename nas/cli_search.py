@@ -167,6 +167,8 @@ def predictor_line(stats: dict[str, Any]) -> str | None:
         return None
     line = (f"  accuracy predictor: Spearman {stats['predictor_spearman']:.3f} on {stats['predictor_held_out']} "
             f"evaluated subnets it had not been trained on")
+    if stats.get("predictor_spearman_accuracy") is not None:   # the fast slim path predicts the loss
+        line += f" (loss; {stats['predictor_spearman_accuracy']:.3f} against accuracy on the same images)"
     if "actions_evaluated" in stats:
         line += f"; {stats['actions_evaluated']} of {stats['actions_considered']} actions evaluated"
     if "trials_predicted" in stats:

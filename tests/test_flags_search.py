@@ -332,6 +332,10 @@ def test_the_predictor_line_reads_each_strategy_s_figures() -> None:
                            "actions_considered": 95})
     assert slim == ("  accuracy predictor: Spearman 0.812 on 12 evaluated subnets it had not been trained on; "
                     "40 of 95 actions evaluated")
+    loss = predictor_line({"predictor_spearman": 0.6, "predictor_spearman_accuracy": 0.25, "predictor_held_out": 12,
+                           "actions_evaluated": 40, "actions_considered": 95})
+    assert loss == ("  accuracy predictor: Spearman 0.600 on 12 evaluated subnets it had not been trained on "
+                    "(loss; 0.250 against accuracy on the same images); 40 of 95 actions evaluated")
     nsga2 = predictor_line({"mode": "surrogate", "trials": 16, "trials_predicted": 7, "predictor_held_out": 5,
                             "predictor_spearman": -0.1})
     assert nsga2 == ("  accuracy predictor: Spearman -0.100 on 5 evaluated subnets it had not been trained on; "

@@ -93,6 +93,36 @@ def test_partial_evaluations_are_leading_whole_batches(setup) -> None:
     assert fast.cached(arch) == plain(arch)
 
 
+def test_loss_is_the_mean_cross_entropy_on_the_same_images(setup, tmp_path: Path) -> None:
+    """What the fast path's predictor learns: the suffix runner's losses (a partial run, then its extension)
+    equal a plain recalibrated run's, image for image; a figure read from the cache has none."""
+    from supernet.bn import recalibrate_bn
+    from supernet.data import make_loader
+
+    net, _ = setup
+    space = net.space
+    path = tmp_path / "accuracy_cache.jsonl"
+    plain, fast = _evaluator(setup), _evaluator(setup, prefix_cache_bytes=1 << 30, cache_path=path, identity="w")
+    fast.set_anchor(space.largest())
+    arch = _neighbours(space, space.largest())[2]
+    model = recalibrate_bn(net.get_active_subnet(arch).to(memory_format=torch.channels_last), None, plain.calib)
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in make_loader(plain.val, batch_size=32, shuffle=False, seed=0,
+                                                              channels_last=True)])
+    loss = -logits.log_softmax(dim=-1)[torch.arange(150), plain.val.labels].numpy()
+    assert fast.loss(arch, 32) is None   # not evaluated yet
+    fast.correct(arch, 50)
+    assert fast.loss(arch, 64) == pytest.approx(loss[:64].mean(), rel=1e-5)
+    assert fast.loss(arch, 32) == pytest.approx(loss[:32].mean(), rel=1e-5)
+    assert fast.loss(arch, 150) is None   # only 64 images so far
+    fast.correct(arch, 150)   # the extension adds the next images' losses to the first ones
+    assert fast.loss(arch, 150) == pytest.approx(loss.mean(), rel=1e-5)
+    plain(arch)
+    assert plain.loss(arch, 150) == pytest.approx(loss.mean(), rel=1e-5) and loss.mean() > 0
+    again = _evaluator(setup, prefix_cache_bytes=1 << 30, cache_path=path, identity="w")
+    assert again.cached(arch) == fast.cached(arch) and again.loss(arch, 150) is None
+
+
 def test_cache_file_keeps_partial_rows_apart(setup, tmp_path: Path) -> None:
     net, _ = setup
     space = net.space
@@ -183,7 +213,8 @@ def test_fast_slim_walks_a_greedy_path_of_real_evaluations(setup) -> None:
     assert all(fast.cached(c.arch) == c.accuracy for c in out.candidates)
     assert out.stats["mode"] == "fast" and out.stats["rungs"] == "32,64,128,150"
     assert out.stats["actions_evaluated"] < out.stats["actions_considered"]
-    assert out.stats["predictor_held_out"] > 0
+    assert out.stats["predictor_held_out"] > 0 and out.stats["predictor_target"].startswith("validation loss")
+    assert "predictor_spearman_accuracy" in out.stats
     assert any(" + " in str(r["action"]) for r in out.path), "no step combined actions while far from budget"
     steps = [r for r in out.path[1:]]
     assert all(r["mes"] > p["mes"] for p, r in zip(out.path, steps)), "MES must grow at every step"
