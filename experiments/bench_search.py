@@ -13,10 +13,14 @@ halfway between the space's smallest and largest subnets it:
    the same validation images;
 3. evaluates the fast and the exhaustive picks on the **whole** validation split;
 4. measures the end-to-end latency of every model (searched and baselines) with ONNX Runtime on
-   1 thread, round-robin in one process, and checks that each searched subnet beats every baseline
-   that is at least as slow and meets its latency budget when measured, and that the fast pick is
-   within 0.3 points of the exhaustive pick on the whole validation split at equal or lower
-   measured latency (equal: within the two measurements' own spread).
+   1 thread, round-robin in one process (each model's quietest of ``--rounds`` rounds), and checks
+   that each searched subnet beats every baseline that is at least as slow and meets its latency
+   budget when measured, and that the fast pick is within 0.3 points of the exhaustive pick on the
+   whole validation split at equal or lower measured latency. "Equal" means within the
+   measurement's own spread: the larger of the two picks' interquartile ranges and the test-retest
+   difference of the exhaustive pick, which is measured twice (a second export and session, in the
+   same rounds). At 32 px a subnet runs in about 0.3 ms, and one busy round can add 40%; the
+   quietest of 10 rounds is stable to a few percent.
 
     python experiments/bench_search.py [--work demo] [--json experiments/results/search.json]
 """
@@ -47,6 +51,8 @@ from supernet.run import SupernetRun, find_latest_run, load_run, load_supernet
 if TYPE_CHECKING:
     from latency.stats import LatencyStats
 
+#: The exhaustive pick's second measurement (test-retest) in the round-robin.
+RETEST = "retest (slim-exhaustive)"
 #: The fast path's pick may be at most this many points below the exhaustive pick (whole validation split).
 ACCURACY_TOLERANCE_POINTS = 0.3
 STRATEGIES = {
@@ -131,18 +137,21 @@ def fast_vs_exhaustive(run: SupernetRun, results: dict[str, dict[str, object]],
     fast, full = results["slim"], results["slim-exhaustive"]
     acc = whole_split_accuracy(run, {"fast": fast["arch"], "exhaustive": full["arch"]})
     (f_ms, f_iqr), (e_ms, e_iqr) = measured["searched (slim)"], measured["searched (slim-exhaustive)"]
+    retest_ms = measured[RETEST][0]
     same = fast["arch"] == full["arch"]
-    spread = max(f_iqr, e_iqr)
+    spread = max(f_iqr, e_iqr, abs(retest_ms - e_ms))
     v = {"same_subnet": same, "whole_val_accuracy_fast": acc["fast"], "whole_val_accuracy_exhaustive": acc["exhaustive"],
          "accuracy_gap_points": 100 * (acc["exhaustive"] - acc["fast"]), "measured_ms_fast": f_ms,
-         "measured_ms_exhaustive": e_ms, "measurement_spread_ms": spread,
+         "measured_ms_exhaustive": e_ms, "measured_ms_exhaustive_retest": retest_ms,
+         "measurement_iqr_ms": max(f_iqr, e_iqr), "measurement_spread_ms": spread,
          "evaluations_fast": fast["evaluated"], "evaluations_exhaustive": full["evaluated"],
          "wall_s_fast": fast["wall_s"], "wall_s_exhaustive": full["wall_s"]}
     v["accuracy_ok"] = v["accuracy_gap_points"] <= ACCURACY_TOLERANCE_POINTS
     v["latency_ok"] = same or f_ms <= e_ms + spread
     print(f"fast vs exhaustive slim: whole-split accuracy {100 * acc['fast']:.2f}% vs {100 * acc['exhaustive']:.2f}% "
           f"(gap {v['accuracy_gap_points']:+.2f} points, tolerance {ACCURACY_TOLERANCE_POINTS}): "
-          f"{'OK' if v['accuracy_ok'] else 'FAIL'}; measured {f_ms:.3f} vs {e_ms:.3f} ms (spread {spread:.3f}): "
+          f"{'OK' if v['accuracy_ok'] else 'FAIL'}; measured {f_ms:.3f} vs {e_ms:.3f} ms (retest {retest_ms:.3f}, "
+          f"spread {spread:.3f}): "
           f"{'OK' if v['latency_ok'] else 'FAIL'}; {fast['evaluated']} vs {full['evaluated']} real evaluations, "
           f"{fast['wall_s']:.0f} vs {full['wall_s']:.0f} s")
     return v
@@ -153,7 +162,7 @@ def main() -> None:
     p.add_argument("--work", default="demo")
     p.add_argument("--json", default=str(Path("experiments/results/search.json").resolve()))
     p.add_argument("--n-trials", type=int, default=60)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10, help="latency round-robin rounds; each model's quietest counts")
     args = p.parse_args()
     args.json = Path(args.json).resolve()  # before the chdir below
     torch.set_num_threads(2)
@@ -172,6 +181,7 @@ def main() -> None:
     rows = baseline_rows(run, results)
     net = load_supernet(run)
     models = {str(r["name"]): net.get_active_subnet(r["arch"]).eval() for r in rows}   # as nas-extract exports them
+    models[RETEST] = net.get_active_subnet(results["slim-exhaustive"]["arch"]).eval()   # measured twice: test-retest
     measured = measure_round_robin(models, (1, run.in_chans, run.resolution, run.resolution), rounds=args.rounds,
                                    statistic=lut.statistic)
     for r in rows:
@@ -182,6 +192,7 @@ def main() -> None:
     print_rows(rows)
     verdicts = uniform_verdicts(rows, results, budget)
     comparison = fast_vs_exhaustive(run, results, measured)
+    comparison["rounds"] = args.rounds
     for res in results.values():
         res["arch"] = res["arch"].to_string()
     atomic_write_json(args.json, {
