@@ -215,6 +215,10 @@ def test_fast_slim_walks_a_greedy_path_of_real_evaluations(setup) -> None:
     assert out.stats["actions_evaluated"] < out.stats["actions_considered"]
     assert out.stats["predictor_held_out"] > 0 and out.stats["predictor_target"].startswith("validation loss")
     assert "predictor_spearman_accuracy" in out.stats
+    # crossing the budget, the feasible actions competed by accuracy; the winner is a real candidate
+    assert out.stats["feasible_pick_actions"] > 0
+    on_path = {r["arch_hash"] for r in out.path}
+    assert any(c.feasible and c.arch.hash not in on_path for c in out.candidates), "no feasible pick off the path"
     assert any(" + " in str(r["action"]) for r in out.path), "no step combined actions while far from budget"
     steps = [r for r in out.path[1:]]
     assert all(r["mes"] > p["mes"] for p, r in zip(out.path, steps)), "MES must grow at every step"

@@ -18,13 +18,22 @@ many images, and how much of the network is run for each:
    Its Spearman correlation on evaluated subnets it had not been trained on is reported, against
    the loss it predicts and against the accuracy on the same images.
 2. **Successive halving** of validation images: the chosen actions are evaluated on
-   ``rung_images`` images, the better half (by drop per MES gain on those images) on twice as many,
-   and so on up to every image; the last one standing is the step's greedy choice.
+   ``rung_images`` images, the better half (by drop per MES gain on those images; the drop is in
+   loss on the partial rungs, where accuracy is mostly noise) on twice as many, and so on up to
+   every image; the last one standing, by accuracy drop per MES gain on every image, is the
+   step's greedy choice.
 3. **Several actions per step while far from the budgets**: the winner and the next-best
-   evaluated actions that touch other stages or blocks are applied together (up to
+   evaluated actions (by loss drop per MES gain on the first rung) that touch other stages or
+   blocks are applied together (up to
    ``max_combine``), as long as the result stays more than ``far`` over its most violated budget.
    The combination gets its own real evaluation. Near the budgets every step applies one action.
-4. **BN recalibrated once per block and reused** (:mod:`nas.prefix_eval`): a candidate runs only
+4. **The final pick near the budget**: at a step from a subnet over its budgets, the actions that
+   meet every budget also compete by accuracy alone (successive halving; the winner gets a real
+   evaluation on every image and becomes a candidate). The exhaustive path's final pick is the most
+   accurate feasible subnet among all it evaluated, many of them neighbours off the path; this
+   gives the fast path the same chance, where the greedy rule would cross the budget with the
+   action of the best drop per MES gain, often far below it.
+5. **BN recalibrated once per block and reused** (:mod:`nas.prefix_eval`): a candidate runs only
    the blocks from its first difference with the current subnet on.
 """
 from __future__ import annotations
@@ -34,7 +43,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -73,8 +82,9 @@ class _Trial:
     predicted: float = math.nan   # the predictor's figure: negated loss on the first rung's images
     acc: dict[int, float] = field(default_factory=dict)
 
-    def ratio(self, cur_acc: float, images: int) -> float:
-        return (cur_acc - self.acc[images]) / self.gain
+    def ratio(self, merit: Callable[[ArchConfig], float], base: float) -> tuple[float, float]:
+        """Sort key: the drop of ``merit`` from ``base`` per MES gain (equal drops: the larger gain first)."""
+        return (base - merit(self.action.arch)) / self.gain, -self.gain
 
 
 def _finite(x: float) -> float | None:
@@ -102,6 +112,7 @@ class _FastSlim:
         self.real_actions = 0
         self.all_actions = 0
         self.warmup = 16   # evaluated subnets before the predictor ranks actions
+        self.feasible_picks = 0   # feasible actions that competed for the final pick (_feasible_pick)
 
     # ------------------------------------------------------------------ evaluations
     def _features(self, c: Candidate) -> np.ndarray:
@@ -128,8 +139,14 @@ class _FastSlim:
         self._learn(t.est)
         return t.acc[images]
 
-    def _cur_acc(self, cur: Candidate, images: int) -> float:
-        return float(self.ev.correct(cur.arch, images).mean())
+    def _merit(self, archs: list[ArchConfig], images: int) -> Callable[[ArchConfig], float]:
+        """How good each of ``archs`` is on the first ``images`` images (higher is better). Before the last rung
+        it is the negated loss, which separates close subnets where accuracy on a few hundred images is mostly
+        noise; on every image it is the accuracy, the figure the path and the final pick are judged by.
+        Accuracy also where a loss is unknown (a figure read from the cache)."""
+        if images < self.n_all and all(self.ev.loss(a, images) is not None for a in archs):
+            return lambda a: -self.ev.loss(a, images)  # type: ignore[operator]
+        return lambda a: float(self.ev.correct(a, images).mean())
 
     # ------------------------------------------------------------------ one step
     def _trials(self, cur: Candidate) -> list[_Trial]:
@@ -168,23 +185,58 @@ class _FastSlim:
         top, rest = ranked[:self.settings.top_k], ranked[self.settings.top_k:]
         return top + self.rng.sample(rest, min(self.settings.explore, len(rest)))
 
-    def _halving(self, cur: Candidate, chosen: list[_Trial], step: int) -> _Trial:
-        """Successive halving over the rungs; the winner is evaluated on every image."""
-        survivors = list(chosen)
+    def _halve(self, trials: list[_Trial], order: Callable[[list[_Trial], int], Callable[[_Trial], tuple[float, float]]],
+               *, anchor: bool) -> _Trial:
+        """Successive halving over the rungs, best first by ``order(survivors, images)``; the winner is evaluated
+        on every image (and, with ``anchor``, keeps its block inputs as the next anchor)."""
+        survivors = list(trials)
         for n in self.rungs:
             last = n == self.n_all
             for t in survivors:
-                self._on(t, n, keep=last and len(survivors) == 1)
-            base = self._cur_acc(cur, n)
-            survivors.sort(key=lambda t: (t.ratio(base, n), -t.gain))   # equal ratios: the larger MES gain
+                self._on(t, n, keep=anchor and last and len(survivors) == 1)
+            survivors.sort(key=order(survivors, n))
             if last:
                 break
             survivors = survivors[:max(1, math.ceil(len(survivors) / 2))]
+        return survivors[0]
+
+    def _halving(self, cur: Candidate, chosen: list[_Trial], step: int) -> _Trial:
+        """The step's greedy choice: the smallest accuracy drop per MES gain, by successive halving."""
+        def by_ratio(survivors: list[_Trial], n: int) -> Callable[[_Trial], tuple[float, float]]:
+            merit = self._merit([cur.arch, *(t.action.arch for t in survivors)], n)
+            base = merit(cur.arch)
+            return lambda t: t.ratio(merit, base)
+
+        winner = self._halve(chosen, by_ratio, anchor=True)
         for t in chosen:
             loss = self.ev.loss(t.action.arch, self.n0)
             if not math.isnan(t.predicted) and loss is not None:
                 self.held_out.append((step, t.predicted, -loss, t.acc[self.n0]))
-        return survivors[0]
+        return winner
+
+    def _feasible_pick(self, trials: list[_Trial], chosen: list[_Trial]) -> None:
+        """At a step from a subnet over its budgets, the actions that meet every budget compete for the final
+        pick by accuracy alone, as every feasible neighbour does on the exhaustive path (whose final pick is
+        the most accurate feasible subnet it evaluated, on or off the path). The greedy rule crosses the
+        budget with the best drop per MES gain, often far below it; the pick should not depend on that.
+        The feasible actions evaluated for the step compete, plus the ``top_k`` others the predictor ranks
+        best (a random ``top_k`` before it is fitted); the winner of a halving by accuracy gets a real
+        evaluation on every image and becomes a candidate."""
+        feasible = [t for t in trials if t.est.feasible]
+        pool = [t for t in feasible if t in chosen]
+        rest = [t for t in feasible if t not in chosen]
+        if any(math.isnan(t.predicted) for t in rest):
+            rest = self.rng.sample(rest, len(rest))
+        else:
+            rest.sort(key=lambda t: -t.predicted)
+        pool += rest[:self.settings.top_k]
+        if pool:
+            self.feasible_picks += len(pool)
+            def by_merit(survivors: list[_Trial], n: int) -> Callable[[_Trial], tuple[float, float]]:
+                merit = self._merit([t.action.arch for t in survivors], n)
+                return lambda t: (-merit(t.action.arch), -t.gain)
+
+            self._halve(pool, by_merit, anchor=False)
 
     def _combine(self, cur: Candidate, winner: _Trial, chosen: list[_Trial]) -> list[_Trial]:
         """The winner, plus the next-best non-conflicting evaluated actions while far from the budgets."""
@@ -193,8 +245,9 @@ class _FastSlim:
             return picked
         if _max_violation(winner.est) <= self.settings.far:
             return picked
-        base = self._cur_acc(cur, self.n0)
-        for t in sorted(chosen, key=lambda t: (t.ratio(base, self.n0), -t.gain)):
+        merit = self._merit([cur.arch, *(t.action.arch for t in chosen)], self.n0)
+        base = merit(cur.arch)
+        for t in sorted(chosen, key=lambda t: t.ratio(merit, base)):
             if len(picked) >= self.settings.max_combine:
                 break
             if t is winner or any(t.action.conflicts(p.action) for p in picked):
@@ -214,6 +267,8 @@ class _FastSlim:
         self.all_actions += len(trials)
         self.real_actions += len(chosen)
         t1 = time.perf_counter()
+        if not cur.feasible:   # first, while the block inputs kept are still the current subnet's
+            self._feasible_pick(trials, chosen)
         winner = self._halving(cur, chosen, step)
         picked = self._combine(cur, winner, chosen)
         if len(picked) == 1:
@@ -263,6 +318,7 @@ class _FastSlim:
         return {
             "mode": "fast", "rungs": ",".join(str(n) for n in self.rungs),
             "actions_considered": self.all_actions, "actions_evaluated": self.real_actions,
+            "feasible_pick_actions": self.feasible_picks,
             "predictor_target": f"validation loss on {self.n0} images",
             "predictor_held_out": len(self.held_out),
             "predictor_spearman": rho(2),
