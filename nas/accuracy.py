@@ -9,6 +9,7 @@ image count in its ``setting``.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -72,6 +73,18 @@ def _unpack(text: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool)
 
 
+def _pack_losses(loss: np.ndarray) -> str:
+    return base64.b64encode(loss.astype("<f4").tobytes()).decode("ascii")
+
+
+def _unpack_losses(text: str, n: int) -> np.ndarray:
+    """``n`` per-image losses (float32); ``ValueError`` unless there are exactly ``n``, all finite and >= 0."""
+    loss = np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4").astype(np.float32)
+    if len(loss) != n or not np.isfinite(loss).all() or (loss < 0).any():
+        raise ValueError("malformed losses")
+    return loss
+
+
 class AccuracyEvaluator:
     """Validation accuracy of any architecture of a supernet, cached by architecture hash.
 
@@ -109,7 +122,7 @@ class AccuracyEvaluator:
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self._correct: dict[str, np.ndarray] = {}   # hash -> right/wrong per image, over the first k images
         self._full: dict[str, float] = {}           # hash -> accuracy over all images
-        # hash -> cross-entropy loss per image, for evaluations run in this process (not cached)
+        # hash -> cross-entropy loss per image, over the first k images (cached with the right/wrong bits)
         self._loss: dict[str, np.ndarray] = {}
         self.evaluated = 0          # real evaluations (each on some or all of the images)
         self.evaluated_full = 0     # of them, on every image
@@ -136,6 +149,8 @@ class AccuracyEvaluator:
                     self._full[row["hash"]] = float(row["accuracy"])
                 if "correct" in row and images > len(self._correct.get(row["hash"], ())):
                     self._correct[row["hash"]] = _unpack(row["correct"], images)
+                if "loss" in row and images > len(self._loss.get(row["hash"], ())):
+                    self._loss[row["hash"]] = _unpack_losses(row["loss"], images)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a torn line from an interrupted write
 
@@ -206,8 +221,8 @@ class AccuracyEvaluator:
         return float(self.correct(arch, images).mean())
 
     def loss(self, arch: ArchConfig, images: int) -> float | None:
-        """The mean cross-entropy loss over the first :meth:`rung_images` ``(images)`` images, if this
-        process has evaluated ``arch`` on them (``None`` otherwise, e.g. for a figure read from the cache).
+        """The mean cross-entropy loss over the first :meth:`rung_images` ``(images)`` images, if ``arch`` has
+        been evaluated on them (``None`` otherwise, e.g. for a cache row written before losses were kept).
 
         It moves with every image's confidence, not only with the few images whose top class flips, so on a
         few hundred images it ranks close subnets by their accuracy on every image far better than their
@@ -261,8 +276,12 @@ class AccuracyEvaluator:
         self.evaluated_images += n
         if self.cache_path is not None:
             setting = self.setting if n == self.n_images else f"{self.setting}|images={n}"
-            line = json.dumps({"hash": arch.hash, "arch": arch.to_string(), "accuracy": acc, "setting": setting,
-                               "correct": _pack(right)}) + "\n"
+            row = {"hash": arch.hash, "arch": arch.to_string(), "accuracy": acc, "setting": setting,
+                   "correct": _pack(right)}
+            loss = self._loss.get(arch.hash)
+            if loss is not None and len(loss) >= n:   # a rerun's predictor learns exactly what this one did
+                row["loss"] = _pack_losses(loss[:n])
+            line = json.dumps(row) + "\n"
             fd = os.open(self.cache_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 os.write(fd, line.encode("utf-8"))

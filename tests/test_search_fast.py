@@ -95,7 +95,8 @@ def test_partial_evaluations_are_leading_whole_batches(setup) -> None:
 
 def test_loss_is_the_mean_cross_entropy_on_the_same_images(setup, tmp_path: Path) -> None:
     """What the fast path's predictor learns: the suffix runner's losses (a partial run, then its extension)
-    equal a plain recalibrated run's, image for image; a figure read from the cache has none."""
+    equal a plain recalibrated run's, image for image; the cache keeps them exactly (a rerun's predictor
+    learns what the first run's did), and a row written without them (an older cache) gives none."""
     from supernet.bn import recalibrate_bn
     from supernet.data import make_loader
 
@@ -120,7 +121,13 @@ def test_loss_is_the_mean_cross_entropy_on_the_same_images(setup, tmp_path: Path
     plain(arch)
     assert plain.loss(arch, 150) == pytest.approx(loss.mean(), rel=1e-5) and loss.mean() > 0
     again = _evaluator(setup, prefix_cache_bytes=1 << 30, cache_path=path, identity="w")
-    assert again.cached(arch) == fast.cached(arch) and again.loss(arch, 150) is None
+    assert again.cached(arch) == fast.cached(arch) and again.evaluated == 0
+    assert again.loss(arch, 150) == fast.loss(arch, 150) and again.loss(arch, 64) == fast.loss(arch, 64)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all("loss" in r for r in rows)
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "loss"}) + "\n" for r in rows))
+    older = _evaluator(setup, prefix_cache_bytes=1 << 30, cache_path=path, identity="w")
+    assert older.cached(arch) == fast.cached(arch) and older.loss(arch, 150) is None
 
 
 def test_cache_file_keeps_partial_rows_apart(setup, tmp_path: Path) -> None:
