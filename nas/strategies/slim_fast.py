@@ -12,10 +12,11 @@ many images, and how much of the network is run for each:
    the gap between two neighbouring subnets, while the loss moves with every image. (For the 19
    one-step neighbours of the largest subnet of a demo-space supernet trained for 1 epoch, the loss
    on 256 images ranked them by accuracy on 2,000 images with Spearman 0.93, and the accuracy on
-   the same 256 images with 0.74.) Until
-   ``warmup`` subnets are known a random sample of actions is evaluated; later steps evaluate the
-   ``top_k`` actions with the best predicted drop per MES gain, plus ``explore`` random others.
-   Its Spearman correlation on evaluated subnets it had not been trained on is reported, against
+   the same 256 images with 0.74.) Until ``warmup`` subnets are known a random sample of actions
+   is evaluated; later steps evaluate the ``top_k`` actions with the best predicted drop per MES
+   gain, plus ``explore`` random others. The action of the largest MES gain is always among them:
+   the step's rule takes it when no action drops accuracy less per gain (e.g. every neighbour
+   scores the same), and a ranking by loss would rarely nominate it. Its Spearman correlation on evaluated subnets it had not been trained on is reported, against
    the loss it predicts and against the accuracy on the same images.
 2. **Successive halving** of validation images: the chosen actions are evaluated on
    ``rung_images`` images, the better half (by drop per MES gain on those images; the drop is in
@@ -120,7 +121,7 @@ class _FastSlim:
 
     def _learn(self, c: Candidate) -> None:
         loss = self.ev.loss(c.arch, self.n0)
-        if loss is not None:   # None: an evaluation read from the cache, without losses
+        if loss is not None:   # None: a cache row written before losses were kept
             self.train[c.arch.hash] = (self._features(c), -loss)
 
     def full(self, arch: ArchConfig, *, keep: bool) -> Candidate:
@@ -143,7 +144,7 @@ class _FastSlim:
         """How good each of ``archs`` is on the first ``images`` images (higher is better). Before the last rung
         it is the negated loss, which separates close subnets where accuracy on a few hundred images is mostly
         noise; on every image it is the accuracy, the figure the path and the final pick are judged by.
-        Accuracy also where a loss is unknown (a figure read from the cache)."""
+        Accuracy also where a loss is unknown (a cache row written before losses were kept)."""
         if images < self.n_all and all(self.ev.loss(a, images) is not None for a in archs):
             return lambda a: -self.ev.loss(a, images)  # type: ignore[operator]
         return lambda a: float(self.ev.correct(a, images).mean())
