@@ -16,8 +16,9 @@ many images, and how much of the network is run for each:
    is evaluated; later steps evaluate the ``top_k`` actions with the best predicted drop per MES
    gain, plus ``explore`` random others. The action of the largest MES gain is always among them:
    the step's rule takes it when no action drops accuracy less per gain (e.g. every neighbour
-   scores the same), and a ranking by loss would rarely nominate it. Its Spearman correlation on evaluated subnets it had not been trained on is reported, against
-   the loss it predicts and against the accuracy on the same images.
+   scores the same), and a ranking by loss would rarely nominate it. Its Spearman correlation on
+   evaluated subnets it had not been trained on is reported, against the loss it predicts and
+   against the accuracy on the same images.
 2. **Successive halving** of validation images: the chosen actions are evaluated on
    ``rung_images`` images, the better half (by drop per MES gain on those images; the drop is in
    loss on the partial rungs, where accuracy is mostly noise) on twice as many, and so on up to
@@ -86,6 +87,10 @@ class _Trial:
     def ratio(self, merit: Callable[[ArchConfig], float], base: float) -> tuple[float, float]:
         """Sort key: the drop of ``merit`` from ``base`` per MES gain (equal drops: the larger gain first)."""
         return (base - merit(self.action.arch)) / self.gain, -self.gain
+
+
+#: A sort key of trials, best first.
+_Key = Callable[[_Trial], tuple[float, float]]
 
 
 def _finite(x: float) -> float | None:
@@ -178,8 +183,8 @@ class _FastSlim:
             return trials
         biggest = max(trials, key=lambda t: t.gain)
         if len(self.train) < self.warmup:
-            sample = self.rng.sample([t for t in trials if t is not biggest], min(len(trials), max(2 * k, self.warmup)) - 1)
-            return [biggest, *sample]
+            others = [t for t in trials if t is not biggest]
+            return [biggest, *self.rng.sample(others, min(len(trials), max(2 * k, self.warmup)) - 1)]
         x = np.stack([f for f, _ in self.train.values()])
         y = np.array([a for _, a in self.train.values()])
         model = RidgePredictor.fit_loo(x, y)
@@ -189,14 +194,14 @@ class _FastSlim:
             t.predicted, t.predicted_ratio = float(p), (base - float(p)) / t.gain
         ranked = sorted(trials, key=lambda t: (t.predicted_ratio, -t.gain))
         top, rest = ranked[:self.settings.top_k], ranked[self.settings.top_k:]
-        if biggest in rest:
+        explore = self.settings.explore
+        if biggest in rest:   # it takes a random one's place
             rest.remove(biggest)
             top.append(biggest)
-            return top + self.rng.sample(rest, min(max(self.settings.explore - 1, 0), len(rest)))
-        return top + self.rng.sample(rest, min(self.settings.explore, len(rest)))
+            explore = max(explore - 1, 0)
+        return top + self.rng.sample(rest, min(explore, len(rest)))
 
-    def _halve(self, trials: list[_Trial], order: Callable[[list[_Trial], int], Callable[[_Trial], tuple[float, float]]],
-               *, anchor: bool) -> _Trial:
+    def _halve(self, trials: list[_Trial], order: Callable[[list[_Trial], int], _Key], *, anchor: bool) -> _Trial:
         """Successive halving over the rungs, best first by ``order(survivors, images)``; the winner is evaluated
         on every image (and, with ``anchor``, keeps its block inputs as the next anchor)."""
         survivors = list(trials)
@@ -210,14 +215,15 @@ class _FastSlim:
             survivors = survivors[:max(1, math.ceil(len(survivors) / 2))]
         return survivors[0]
 
+    def _by_ratio(self, cur: Candidate, trials: list[_Trial], images: int) -> _Key:
+        """Sort key of ``trials``: their drop from ``cur`` in :meth:`_merit` on ``images`` images per MES gain."""
+        merit = self._merit([cur.arch, *(t.action.arch for t in trials)], images)
+        base = merit(cur.arch)
+        return lambda t: t.ratio(merit, base)
+
     def _halving(self, cur: Candidate, chosen: list[_Trial], step: int) -> _Trial:
         """The step's greedy choice: the smallest accuracy drop per MES gain, by successive halving."""
-        def by_ratio(survivors: list[_Trial], n: int) -> Callable[[_Trial], tuple[float, float]]:
-            merit = self._merit([cur.arch, *(t.action.arch for t in survivors)], n)
-            base = merit(cur.arch)
-            return lambda t: t.ratio(merit, base)
-
-        winner = self._halve(chosen, by_ratio, anchor=True)
+        winner = self._halve(chosen, lambda survivors, n: self._by_ratio(cur, survivors, n), anchor=True)
         for t in chosen:
             loss = self.ev.loss(t.action.arch, self.n0)
             if not math.isnan(t.predicted) and loss is not None:
@@ -242,7 +248,7 @@ class _FastSlim:
         pool += rest[:self.settings.top_k]
         if pool:
             self.feasible_picks += len(pool)
-            def by_merit(survivors: list[_Trial], n: int) -> Callable[[_Trial], tuple[float, float]]:
+            def by_merit(survivors: list[_Trial], n: int) -> _Key:
                 merit = self._merit([t.action.arch for t in survivors], n)
                 return lambda t: (-merit(t.action.arch), -t.gain)
 
@@ -255,9 +261,7 @@ class _FastSlim:
             return picked
         if _max_violation(winner.est) <= self.settings.far:
             return picked
-        merit = self._merit([cur.arch, *(t.action.arch for t in chosen)], self.n0)
-        base = merit(cur.arch)
-        for t in sorted(chosen, key=lambda t: t.ratio(merit, base)):
+        for t in sorted(chosen, key=self._by_ratio(cur, chosen, self.n0)):
             if len(picked) >= self.settings.max_combine:
                 break
             if t is winner or any(t.action.conflicts(p.action) for p in picked):
