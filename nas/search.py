@@ -145,14 +145,16 @@ class SearchSettings:
         exhaustive: slim: give every action of every step a real evaluation on every validation
             image (the original algorithm) instead of the fast path below.
         top_k: slim (fast): actions per step that get a real evaluation, those the accuracy
-            predictor ranks best by predicted accuracy drop per MES gain.
-        explore: slim (fast): further actions per step, drawn at random, that get a real evaluation.
+            predictor ranks best by predicted accuracy drop per MES gain (half as many, rounded up,
+            while far from the budgets).
+        explore: slim (fast): further actions per step, drawn at random, that get a real evaluation
+            (half as many, rounded up, while far from the budgets).
         rung_images: slim (fast): validation images of the first successive-halving rung; each
             further rung doubles them and keeps the better half, up to every image.
         max_combine: slim (fast): most non-conflicting actions applied together in one step while
-            far from the budgets.
+            far from the budgets (the evaluated ones first, then those the predictor ranks next).
         far: slim (fast): "far from the budgets" means the most violated budget is exceeded by more
-            than this fraction (0.25: 25 % over); nearer, every step applies one action.
+            than this fraction (0.1: 10 % over); nearer, every step applies one action.
         prefix_cache_mb: slim (fast): memory for the block inputs of the current subnet, reused by
             candidates that share its leading blocks.
         surrogate: nsga2: after the first population, trials whose predicted accuracy cannot beat
@@ -175,8 +177,8 @@ class SearchSettings:
     top_k: int = 6
     explore: int = 2
     rung_images: int = 256
-    max_combine: int = 8
-    far: float = 0.25
+    max_combine: int = 16
+    far: float = 0.1
     prefix_cache_mb: int = 1024
     surrogate: bool = False
     gumbel_steps: int = 120

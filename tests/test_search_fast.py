@@ -21,7 +21,7 @@ from nas.objectives import Budgets
 from nas.predictor import RidgePredictor, encode, spearman
 from nas.search import LatencyModel, Scorer, SearchSettings, get_strategy
 from nas.strategies.slim import exhaustive_slim
-from search_spaces import count_macs, count_params, get_space
+from search_spaces import ArchConfig, count_macs, count_params, get_space
 from search_spaces.errors import SpaceError
 from supernet.data import load_dataset
 from supernet.elastic import Supernet
@@ -229,6 +229,46 @@ def test_fast_slim_walks_a_greedy_path_of_real_evaluations(setup) -> None:
     assert any(" + " in str(r["action"]) for r in out.path), "no step combined actions while far from budget"
     steps = [r for r in out.path[1:]]
     assert all(r["mes"] > p["mes"] for p, r in zip(out.path, steps)), "MES must grow at every step"
+
+
+def test_far_steps_evaluate_half_and_combine_the_predictors_next_actions(setup, caplog) -> None:
+    """Far from the budgets, a step after the warm-up gives only half of --top-k and --explore (rounded up) a
+    real evaluation, and its combination goes on past the evaluated actions with those the predictor ranks
+    next; near them, a step evaluates the full --top-k + --explore."""
+    import logging
+
+    net, _ = setup
+    space = net.space
+    fast = _evaluator(setup, prefix_cache_bytes=1 << 30)
+    scorer = _scorer(setup, fast, 0.05)
+    settings = SearchSettings(top_k=4, explore=2, rung_images=32, max_combine=6, far=0.1, extra_steps=0)
+    with caplog.at_level(logging.DEBUG, logger="nas.strategies.slim_fast"):
+        out = get_strategy("slim").run(scorer, settings)
+    assert out.best is not None and out.best.feasible
+    counts = [tuple(int(x) for x in m.groups()) for m in
+              (re.search(r"slim step (\d+): (\d+) actions, (\d+) evaluated, (\d+) applied", r.getMessage())
+               for r in caplog.records) if m]
+    assert len(counts) == len(out.path) - 1
+
+    def violation(row) -> float:
+        cand = scorer.with_accuracy(ArchConfig.from_string(row["arch"]), math.nan)
+        return max(cand.violations.values(), default=0.0)
+
+    far = [(c, out.path[c[0] - 1]) for c in counts[1:] if violation(out.path[c[0] - 1]) > 0.1]
+    near = [c for c in counts[1:] if violation(out.path[c[0] - 1]) <= 0.1]
+    assert far and near, counts
+    assert all(c[2] <= 2 + 1 for c, _ in far), counts            # ceil(4/2) + ceil(2/2)
+    assert all(c[2] == min(c[1], 4 + 2) for c in near), counts
+    unevaluated = []
+    for (step, _, _, applied), prev in far:
+        if applied < 2:
+            continue
+        row = out.path[step]
+        by_name = {a.name: a for a in space.slimming_actions(ArchConfig.from_string(prev["arch"]))}
+        unevaluated += [n for n in row["action"].split(" + ") if by_name[n].arch.hash not in fast._correct]
+    assert unevaluated, "no combination went past the evaluated actions"
+    assert all(r["mes"] > p["mes"] for p, r in zip(out.path, out.path[1:]))
+    assert all(fast.cached(c.arch) == c.accuracy for c in out.candidates)
 
 
 @pytest.mark.parametrize("exhaustive", [False, True], ids=["fast", "exhaustive"])

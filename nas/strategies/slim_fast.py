@@ -24,11 +24,14 @@ many images, and how much of the network is run for each:
    loss on the partial rungs, where accuracy is mostly noise) on twice as many, and so on up to
    every image; the last one standing, by accuracy drop per MES gain on every image, is the
    step's greedy choice.
-3. **Several actions per step while far from the budgets**: the winner and the next-best
-   evaluated actions (by loss drop per MES gain on the first rung) that touch other stages or
-   blocks are applied together (up to
-   ``max_combine``), as long as the result stays more than ``far`` over its most violated budget.
-   The combination gets its own real evaluation. Near the budgets every step applies one action.
+3. **Several actions per step while far from the budgets**: the winner and the next-best actions
+   that touch other stages or blocks are applied together (up to ``max_combine``), as long as the
+   result stays more than ``far`` over its most violated budget: first the evaluated ones (by real
+   loss drop per MES gain on the first rung), then the others by the predictor's rank. The
+   combination gets its own real evaluation. Such a step gives only half as many actions (``top_k``
+   and ``explore``, rounded up) a real evaluation: it runs on the largest subnets, where an
+   evaluation costs most, and many actions are applied at once anyway. Near the budgets every step
+   applies one action, chosen among the full ``top_k`` + ``explore``.
 4. **The final pick near the budget**: at a step from a subnet over its budgets, the actions that
    meet every budget also compete by accuracy alone (successive halving; the winner gets a real
    evaluation on every image and becomes a candidate). The exhaustive path's final pick is the most
@@ -178,7 +181,10 @@ class _FastSlim:
         largest MES gain is always among them (in place of a random one): the step's rule takes it whenever
         no action drops accuracy less per gain, e.g. when the accuracy of every neighbour is the same, and a
         ranking by loss, which always differs a little, would rarely nominate it."""
-        k = self.settings.top_k + self.settings.explore
+        top_k, explore = self.settings.top_k, self.settings.explore
+        if self._far(cur):
+            top_k, explore = (top_k + 1) // 2, (explore + 1) // 2
+        k = top_k + explore
         if len(trials) <= k:
             return trials
         biggest = max(trials, key=lambda t: t.gain)
@@ -193,13 +199,16 @@ class _FastSlim:
         for t, p in zip(trials, pred):
             t.predicted, t.predicted_ratio = float(p), (base - float(p)) / t.gain
         ranked = sorted(trials, key=lambda t: (t.predicted_ratio, -t.gain))
-        top, rest = ranked[:self.settings.top_k], ranked[self.settings.top_k:]
-        explore = self.settings.explore
+        top, rest = ranked[:top_k], ranked[top_k:]
         if biggest in rest:   # it takes a random one's place
             rest.remove(biggest)
             top.append(biggest)
             explore = max(explore - 1, 0)
         return top + self.rng.sample(rest, min(explore, len(rest)))
+
+    def _far(self, cur: Candidate) -> bool:
+        """Whether ``cur`` is far from the budgets: its most violated one exceeded by more than ``far``."""
+        return _max_violation(cur) > self.settings.far
 
     def _halve(self, trials: list[_Trial], order: Callable[[list[_Trial], int], _Key], *, anchor: bool) -> _Trial:
         """Successive halving over the rungs, best first by ``order(survivors, images)``; the winner is evaluated
@@ -254,14 +263,19 @@ class _FastSlim:
 
             self._halve(pool, by_merit, anchor=False)
 
-    def _combine(self, cur: Candidate, winner: _Trial, chosen: list[_Trial]) -> list[_Trial]:
-        """The winner, plus the next-best non-conflicting evaluated actions while far from the budgets."""
+    def _combine(self, cur: Candidate, winner: _Trial, chosen: list[_Trial], trials: list[_Trial]) -> list[_Trial]:
+        """The winner, plus the next-best non-conflicting actions while far from the budgets: first the evaluated
+        ones (by their real loss drop per MES gain on the first rung), then the others by the predictor's rank.
+        The combination gets its own real evaluation (:meth:`step`)."""
         picked = [winner]
-        if self.settings.max_combine <= 1 or _max_violation(cur) <= self.settings.far:
+        if self.settings.max_combine <= 1 or not self._far(cur):
             return picked
         if _max_violation(winner.est) <= self.settings.far:
             return picked
-        for t in sorted(chosen, key=self._by_ratio(cur, chosen, self.n0)):
+        ranked = sorted(chosen, key=self._by_ratio(cur, chosen, self.n0))
+        ranked += sorted((t for t in trials if t not in chosen and not math.isnan(t.predicted_ratio)),
+                         key=lambda t: (t.predicted_ratio, -t.gain))
+        for t in ranked:
             if len(picked) >= self.settings.max_combine:
                 break
             if t is winner or any(t.action.conflicts(p.action) for p in picked):
@@ -284,7 +298,7 @@ class _FastSlim:
         if not cur.feasible:   # first, while the block inputs kept are still the current subnet's
             self._feasible_pick(trials, chosen)
         winner = self._halving(cur, chosen, step)
-        picked = self._combine(cur, winner, chosen)
+        picked = self._combine(cur, winner, chosen, trials)
         if len(picked) == 1:
             new = self.scorer.seen[winner.action.arch.hash]
         else:
