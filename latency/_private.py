@@ -232,8 +232,11 @@ def materialize(item: Item, path: str, fmt: str, coreml: dict[str, str] | None, 
         else:
             if coreml is None:
                 raise ValueError("CoreML export needs the profile's CoreML options")
+            from latency.coreml import BLOCK_NOOP_PASSES
+
             convert_coreml(module, item.input_shape, path, precision=coreml["precision"],
-                           compute_units=coreml["compute_units"], target=coreml["target"])
+                           compute_units=coreml["compute_units"], target=coreml["target"],
+                           skip_passes=BLOCK_NOOP_PASSES if item.kind == "entry" else ())
     return item.ident, path, time.perf_counter() - t0
 
 

@@ -333,11 +333,16 @@ def test_convert_coreml_writes_mlpackage(tmp_path: Path) -> None:
         convert_coreml(TinyBlock(), (1, 8, 12, 12), tmp_path / "x.mlpackage", target="iOS12")
 
 
-@pytest.mark.parametrize("kind", ["ef2.attn_ffn", "ef2.ffn", "ef2.down_attn", "ef2.head"])
+@pytest.mark.parametrize("space_name,kind", [
+    ("efficientformer_v2_demo", "ef2.attn_ffn"), ("efficientformer_v2_demo", "ef2.ffn"),
+    ("efficientformer_v2_demo", "ef2.down_attn"), ("efficientformer_v2_demo", "ef2.head"),
+    ("efficientformer_v2_demo", "ef2.lite_ffn"), ("efficientformer_demo", "ef1.meta3d"),
+    ("efficientformer_demo", "ef1.meta4d"), ("efficientvit", "evit.block"), ("efficientvit", "evit.mbconv")])
 def test_convert_coreml_lean_passes_write_the_same_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                            kind: str) -> None:
+                                                            space_name: str, kind: str) -> None:
     """Skipping coremltools' re-validation after every pass and its non-replaceable-var propagation (about half
-    of a conversion) changes no byte of the package."""
+    of a conversion), and the passes that change no block (``BLOCK_NOOP_PASSES``, as the bundle converts
+    blocks), changes no byte of the package."""
     import contextlib
 
     import coremltools as ct
@@ -347,11 +352,16 @@ def test_convert_coreml_lean_passes_write_the_same_package(tmp_path: Path, monke
     from search_spaces.lowering import lower
     from supernet.blocks import build_block
 
-    space = get_space("efficientformer_v2_demo")
-    spec = next(s for s in lower(space.largest(), resolution=32, num_classes=10) if s.kind == kind)
+    space = get_space(space_name)
+    largest = space.largest()
+    if kind == "ef2.lite_ffn":   # the largest config has softmax attention only
+        largest = next(a.arch for a in space.slimming_actions(largest) if "lite" in a.name)
+    spec = next(s for s in lower(largest, resolution=64, num_classes=10) if s.kind == kind)
     block = build_block(spec).eval()
     shape = spec.input_shape(1)
-    fast = convert_coreml(block, shape, tmp_path / "fast.mlpackage")
+    lean = coreml._pipeline(ct, coreml.BLOCK_NOOP_PASSES)
+    assert not set(coreml.BLOCK_NOOP_PASSES) & set(lean.passes) and "common::add_fp16_cast" in lean.passes
+    fast = convert_coreml(block, shape, tmp_path / "fast.mlpackage", skip_passes=coreml.BLOCK_NOOP_PASSES)
     mil = ct.converters.mil.mil
     own = mil.Program.validate, mil.Block._propagate_nonreplaceable_vars
     assert all(m.__module__.startswith("coremltools") for m in own), "the library's own methods outside a conversion"
