@@ -177,7 +177,8 @@ class _FastSlim:
 
     def _select(self, cur: Candidate, trials: list[_Trial], step: int) -> list[_Trial]:
         """The trials that get a real evaluation: a random warm-up sample until the predictor has data, then
-        the ``top_k`` best ranked by predicted drop per MES gain and ``explore`` random others. The action of the
+        the ``top_k`` best ranked by predicted drop per MES gain and ``explore`` random others (half of each,
+        rounded up, at a step far from the budgets, which combines many actions anyway). The action of the
         largest MES gain is always among them (in place of a random one): the step's rule takes it whenever
         no action drops accuracy less per gain, e.g. when the accuracy of every neighbour is the same, and a
         ranking by loss, which always differs a little, would rarely nominate it."""
