@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-actions", type=int_at_least(0), default=d.max_actions,
                    help="exhaustive slim that evaluates N random actions per step, each on every image (implies --exhaustive; when none of them gains MES, N more are drawn before slim stops; 0: every action)")
     g.add_argument("--top-k", type=int_at_least(1), default=d.top_k,
-                   help=f"actions per step, best ranked by the predictor, that get a real evaluation (default {d.top_k})")
+                   help=f"actions per step, best ranked by the predictor, that get a real evaluation "
+                        f"(default {d.top_k}; half as many, rounded up, while far from the budgets)")
     g.add_argument("--explore", type=int_at_least(0), default=d.explore,
-                   help=f"further random actions per step that get a real evaluation (default {d.explore})")
+                   help=f"further random actions per step that get a real evaluation "
+                        f"(default {d.explore}; half as many, rounded up, while far from the budgets)")
     g.add_argument("--rung-images", type=int_at_least(1), default=d.rung_images,
                    help=f"validation images of the first halving rung (default {d.rung_images})")
     g.add_argument("--max-combine", type=int_at_least(1), default=d.max_combine,
