@@ -13,7 +13,6 @@ ratio, and writes ``experiments/results/coreml_passes.json``; exits with 1 if an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -33,18 +32,9 @@ from search_spaces import get_space  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "coreml_passes.json"
 
 
-def _digest(package: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(package.rglob("*")):
-        if f.is_file() and f.name != "Manifest.json":
-            h.update(str(f.relative_to(package)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def _both_ways(key: str, batch: int, options: dict[str, str]) -> tuple[str, bool, float, float]:
     """Convert block ``key`` with the full and the lean pipeline: (key, same bytes, seconds full, seconds lean)."""
-    from latency.coreml import BLOCK_NOOP_PASSES, convert_coreml
+    from latency.coreml import BLOCK_NOOP_PASSES, convert_coreml, package_files
     from search_spaces.specs import BlockSpec
 
     item = entry_item(BlockSpec.from_key(key), batch)
@@ -57,7 +47,7 @@ def _both_ways(key: str, batch: int, options: dict[str, str]) -> tuple[str, bool
             path = convert_coreml(module, item.input_shape, folder / f"{len(out)}.mlpackage",
                                   precision=options["precision"], compute_units=options["compute_units"],
                                   target=options["target"], skip_passes=skip)
-            out.append((_digest(path), time.perf_counter() - t0))
+            out.append((package_files(path), time.perf_counter() - t0))
         return key, out[0][0] == out[1][0], out[0][1], out[1][1]
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -46,8 +46,8 @@ _TQDM_LINE = re.compile(r"\d+%\|")
 #: layer norm spelled out in elementary ops) never occur in a block's traced graph. Together they
 #: took about 12% of a block's conversion (coremltools 9.0; 327 blocks of every space at 32 and 224
 #: px). ``experiments/check_coreml_passes.py`` converts every block of a space both ways and checks
-#: that the packages are byte for byte the same; ``tests/test_coreml.py`` checks one block of each
-#: kind. Only single blocks skip them (whole networks are converted with the full pipeline: a
+#: that the packages are byte for byte the same; ``tests/test_latency_runtime.py`` checks one block
+#: of each kind. Only single blocks skip them (whole networks are converted with the full pipeline: a
 #: transpose chain may cross block boundaries).
 BLOCK_NOOP_PASSES = ("common::reduce_transposes", "common::fuse_gelu_tanh_approximation", "common::fuse_prelu",
                      "common::fuse_layernorm_or_instancenorm")
@@ -166,6 +166,13 @@ def _pipeline(ct: ModuleType, skip: Sequence[str]) -> object:
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes([p for p in skip if p in pipeline.passes])
     return pipeline
+
+
+def package_files(path: Path) -> dict[str, bytes]:
+    """The files of an ``.mlpackage`` by relative path, all but ``Manifest.json`` (which holds random item
+    identifiers): two conversions that wrote the same model give equal dicts."""
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != "Manifest.json"}
 
 
 def _save_mlpackage(mlmodel: MLModel, path: Path) -> None:

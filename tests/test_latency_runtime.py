@@ -369,11 +369,7 @@ def test_convert_coreml_lean_passes_write_the_same_package(tmp_path: Path, monke
     full = convert_coreml(block, shape, tmp_path / "full.mlpackage")
     assert (mil.Program.validate, mil.Block._propagate_nonreplaceable_vars) == own, "the library's methods are restored"
 
-    def package(path: Path) -> dict[str, bytes]:
-        return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()
-                and f.name != "Manifest.json"}  # the manifest holds random item identifiers
-
-    a, b = package(fast), package(full)
+    a, b = coreml.package_files(fast), coreml.package_files(full)
     assert a.keys() == b.keys() and a == b
 
 

@@ -207,9 +207,9 @@ class _FastSlim:
             explore = max(explore - 1, 0)
         return top + self.rng.sample(rest, min(explore, len(rest)))
 
-    def _far(self, cur: Candidate) -> bool:
-        """Whether ``cur`` is far from the budgets: its most violated one exceeded by more than ``far``."""
-        return _max_violation(cur) > self.settings.far
+    def _far(self, c: Candidate) -> bool:
+        """Whether ``c`` is far from the budgets: its most violated one exceeded by more than ``far``."""
+        return _max_violation(c) > self.settings.far
 
     def _halve(self, trials: list[_Trial], order: Callable[[list[_Trial], int], _Key], *, anchor: bool) -> _Trial:
         """Successive halving over the rungs, best first by ``order(survivors, images)``; the winner is evaluated
@@ -271,7 +271,7 @@ class _FastSlim:
         picked = [winner]
         if self.settings.max_combine <= 1 or not self._far(cur):
             return picked
-        if _max_violation(winner.est) <= self.settings.far:
+        if not self._far(winner.est):
             return picked
         ranked = sorted(chosen, key=self._by_ratio(cur, chosen, self.n0))
         ranked += sorted((t for t in trials if t not in chosen and not math.isnan(t.predicted_ratio)),
@@ -282,7 +282,7 @@ class _FastSlim:
             if t is winner or any(t.action.conflicts(p.action) for p in picked):
                 continue
             arch = self.space.combine(cur.arch, [p.action for p in picked] + [t.action])
-            if _max_violation(self.scorer.with_accuracy(arch, math.nan)) <= self.settings.far:
+            if not self._far(self.scorer.with_accuracy(arch, math.nan)):
                 break
             picked.append(t)
         return picked
