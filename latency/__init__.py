@@ -15,7 +15,7 @@ from typing import Any
 from .calibration import Calibration
 from .lut import LatencyTable, LutEntry, default_lut_path
 from .merge import merge_tables
-from .predict import BlockLatency, LatencyBreakdown, check_covers, predict_breakdown, predict_latency
+from .predict import BlockLatency, LatencyBreakdown, check_covers, fastest, predict_breakdown, predict_latency
 from .prior import IPHONE12_PRESET_MS, LatencyPrior, fit_prior, iphone12_prior, predicted_table
 from .profiles import DeviceProfile, get_profile, list_profiles, load_profile_file
 from .stats import LatencyStats
@@ -34,7 +34,7 @@ __all__ = [
     "DeviceProfile", "get_profile", "list_profiles", "load_profile_file",
     "LatencyStats",
     "Calibration", "LatencyTable", "LutEntry", "default_lut_path", "merge_tables",
-    "BlockLatency", "LatencyBreakdown", "check_covers", "predict_breakdown", "predict_latency",
+    "BlockLatency", "LatencyBreakdown", "check_covers", "fastest", "predict_breakdown", "predict_latency",
     "IPHONE12_PRESET_MS", "LatencyPrior", "fit_prior", "iphone12_prior", "predicted_table",
     *_LAZY,
 ]

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from latency.lut import LatencyTable
-from search_spaces import ArchConfig, BlockSpec, LoweringSetup, lower
+from search_spaces import ArchConfig, BlockSpec, LoweringSetup, SearchSpace, lower
 from search_spaces.errors import NasUserError
 from search_spaces.lowering import Carry, get_family
 
-__all__ = ["BlockLatency", "LatencyBreakdown", "predict_latency", "predict_breakdown", "check_covers",
+__all__ = ["BlockLatency", "LatencyBreakdown", "fastest", "predict_latency", "predict_breakdown", "check_covers",
            "table_setup", "block_ms"]
 
 logger = logging.getLogger(__name__)
@@ -337,6 +337,31 @@ def block_ms(spec: BlockSpec, lut: LatencyTable) -> float:
     if value is None:
         raise _missing_error(spec, lut, comp, None)
     return value
+
+
+def fastest(space: SearchSpace, lut: LatencyTable) -> tuple[float, ArchConfig]:
+    """The config of ``space`` with the lowest :func:`predict_latency` on ``lut``, and that latency.
+
+    Exact, not a bound: a prediction is the table's offset plus one calibrated figure per unit,
+    so :func:`search_spaces.enumerate.cheapest` finds the minimum stage by stage. On a measured
+    table it need not be the smallest config (a narrower layer can time slower). A search uses it
+    to refuse, before evaluating anything, a latency budget that no config can meet.
+
+    Raises:
+        NasUserError: a spec of the space is missing from the table (see :func:`predict_latency`).
+    """
+    from search_spaces.enumerate import cheapest
+
+    comp = _compiled(lut)
+
+    def cost(spec: BlockSpec) -> float:
+        value = comp.by_spec.get(spec)
+        if value is None:
+            raise _missing_error(spec, lut, comp, None)
+        return value
+
+    total, arch = cheapest(space, comp.setup, cost)
+    return total + comp.offset, arch
 
 
 def check_covers(lut: LatencyTable, specs: Sequence[BlockSpec]) -> None:

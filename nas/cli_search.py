@@ -3,7 +3,8 @@
 Accuracy is the supernet's shared weights with recalibrated BN on the validation split; latency
 comes from the LUTs built by nas-build-lut (predicted LUTs are labelled predicted everywhere).
 Outputs: subnet.json (the best feasible subnet), pareto.csv, pareto.png, pareto.html, search.json,
-and for --strategy slim the path.csv. Exit code 3 when nothing meets the budgets.
+and for --strategy slim the path.csv. Exit code 3 when nothing meets the budgets (at once, before any
+evaluation, for a budget that no config of the space meets: its least latency, params and MACs are exact).
 """
 from __future__ import annotations
 

@@ -212,6 +212,9 @@ def run_search(cfg: SearchRunConfig, *, notify: Callable[[str], None] | None = N
     check = getattr(strategy, "check", None)   # a strategy may refuse a space before anything is written
     if check is not None:
         check(inputs.run.space)
+    unreachable = _unreachable(inputs)
+    if unreachable is not None:
+        raise unreachable
     net = load_supernet(inputs.run)
     splits = load_run_splits(inputs.run)
     storage = _storage(cfg.settings.storage) if strategy.uses_study and cfg.settings.storage else None
@@ -274,6 +277,37 @@ def _write_reports(out: Path, cfg: SearchRunConfig, inputs: _Inputs, outcome: Se
     files["search.json"] = atomic_write_json(out / "search.json", summary)
     print(summary_table(outcome.candidates, primary, best=outcome.best), file=sys.stderr)
     return files
+
+
+def _unreachable(inputs: _Inputs) -> NoFeasibleSubnet | None:
+    """The error for a budget that no config of the space meets on its own, before anything is evaluated.
+
+    Each figure is additive over a network's units, so its least value over the whole space is
+    exact and cheap (:func:`search_spaces.enumerate.cheapest`; a fraction of a second for the
+    full V2 space). Budgets that each fit but not together are still found by the search.
+    """
+    from latency import fastest
+    from search_spaces import count_macs, count_params
+    from search_spaces.enumerate import cheapest
+
+    space, budgets, setup = inputs.run.space, inputs.budgets, inputs.deploy
+    misses = []
+    for device, budget in budgets.latency_ms.items():
+        floor, arch = fastest(space, inputs.models[device].table)
+        if floor > budget * (1 + 1e-9):
+            misses.append(f"{device} {floor:.3f} ms > {budget:g} ms (the fastest config on that LUT: {arch.to_string()})")
+    for name, limit, count, unit in (("params", budgets.max_params, count_params, "M params"),
+                                     ("MACs", budgets.max_macs, count_macs, "M MACs")):
+        if limit is not None:
+            least, arch = cheapest(space, setup, lambda spec, count=count: count([spec]))
+            if least > limit:
+                misses.append(f"{least / 1e6:.3f}{unit} > {limit / 1e6:g}{unit} (the config with the fewest "
+                              f"{name}: {arch.to_string()})")
+    if not misses:
+        return None
+    return NoFeasibleSubnet(
+        f"no subnet of space {space.name!r} can meet the budgets ({_budgets_text(budgets)}): its least figures are "
+        + "; ".join(misses) + ". Loosen the budget, or search a space or deployment resolution that reaches it")
 
 
 def _no_feasible(scorer: Scorer, inputs: _Inputs, outcome: SearchOutcome) -> NoFeasibleSubnet:

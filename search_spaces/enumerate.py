@@ -17,13 +17,16 @@ the space can produce; no whole configs are enumerated.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from .arch import ArchConfig, BlockConfig, StageConfig
 from .lowering import Carry, get_family, resolve_setup
 from .setup import LoweringSetup
 from .space import SearchSpace, StageChoices
 from .specs import BlockSpec
 
-__all__ = ["enumerate_specs", "probe_stages", "probe_count"]
+__all__ = ["cheapest", "enumerate_specs", "probe_stages", "probe_count"]
 
 
 def probe_stages(ch: StageChoices, width: int) -> list[StageConfig]:
@@ -97,3 +100,107 @@ def enumerate_specs(
         for carry, arch in carries.items():
             keep(family.head(arch, carry, setup))
     return [seen[k] for k in sorted(seen)]
+
+
+def cheapest(space: SearchSpace, setup: LoweringSetup, cost: Callable[[BlockSpec], float]
+             ) -> tuple[float, ArchConfig]:
+    """The config of ``space`` whose lowered specs have the least total ``cost``, and that total.
+
+    Exact for any cost that adds up over a network's specs (a LUT's calibrated milliseconds, a
+    parameter count): a dynamic programme over the stages, in the order :func:`enumerate_specs`
+    walks them. Within a stage, a block's spec depends only on the carry before it, the stage's
+    width, the block itself and whether it opens the stage (see
+    :class:`~search_spaces.lowering.Family`), so the cheapest way to fill a stage is found block
+    by block, keeping per carry, attention count and layout phase only the cheapest prefix. The
+    first stage's width is tied to the stem's (the stem lowers from it). Every rule of
+    :meth:`SearchSpace.why_not` holds for the result: allowed widths, depths and expansions,
+    attention blocks last and as many as :meth:`StageChoices.attn_range` allows.
+
+    >>> from search_spaces import count_params, get_space, lower
+    >>> space = get_space("efficientformer_v2_demo")
+    >>> setup = LoweringSetup(resolution=32, num_classes=10, in_chans=1, distillation=False)
+    >>> params, arch = cheapest(space, setup, lambda spec: count_params([spec]))
+    >>> params == count_params(lower(arch, setup)) and space.contains(arch)
+    True
+    """
+    family = get_family(space.family)
+    base = space.smallest()
+    # states between stages: carry -> (cost so far, the stages that reached it)
+    states: dict[Carry, tuple[float, tuple[StageConfig, ...]]] = {}
+    stage_memo: dict[tuple[Any, ...], Any] = {}
+    for w0 in space.stages[0].widths:
+        arch = base.replace_stage(0, StageConfig(w0, base.stages[0].blocks))
+        family.check(arch)
+        specs, carry = family.stem(arch, setup)
+        done = _cheapest_stage(family, space, setup, cost, arch, 0, w0, carry, stage_memo)
+        for out, (c, stage) in done.items():
+            _keep(states, out, sum(cost(s) for s in specs) + c, (stage,))
+    for si in range(1, len(space.stages)):
+        after: dict[Carry, tuple[float, tuple[StageConfig, ...]]] = {}
+        for carry, (so_far, stages) in states.items():
+            arch = base
+            for i, st in enumerate(stages):
+                arch = arch.replace_stage(i, st)
+            for w in space.stages[si].widths:
+                done = _cheapest_stage(family, space, setup, cost, arch, si, w, carry, stage_memo)
+                for out, (c, stage) in done.items():
+                    _keep(after, out, so_far + c, (*stages, stage))
+        states = after
+    best: tuple[float, ArchConfig] | None = None
+    for carry, (total, stages) in states.items():
+        arch = base
+        for i, st in enumerate(stages):
+            arch = arch.replace_stage(i, st)
+        if setup.task == "classify":
+            total += sum(cost(s) for s in family.head(arch, carry, setup))
+        if best is None or total < best[0]:
+            best = (total, arch)
+    assert best is not None  # every space has at least one config
+    return best
+
+
+def _keep(table: dict, key: Any, value: float, payload: Any) -> None:
+    """``table[key] = (value, payload)`` unless it holds a lower value already."""
+    old = table.get(key)
+    if old is None or value < old[0]:
+        table[key] = (value, payload)
+
+
+def _cheapest_stage(family: Any, space: SearchSpace, setup: LoweringSetup, cost: Callable[[BlockSpec], float],
+                    arch: ArchConfig, si: int, width: int, carry: Carry, memo: dict[tuple[Any, ...], Any]
+                    ) -> dict[Carry, tuple[float, StageConfig]]:
+    """The cheapest allowed stage ``si`` of ``width`` from ``carry``, per carry it hands on: ``{out: (cost, stage)}``."""
+    probe = arch.replace_stage(si, StageConfig(width, arch.stages[si].blocks))
+    entry, after_entry = family.entry(probe, si, carry, setup)
+    start = sum(cost(s) for s in entry)
+    key = (si, width, after_entry)  # the blocks depend on the carry into the stage only through the entry's
+    if key not in memo:
+        memo[key] = _cheapest_blocks(family, space.stages[si], setup, cost, probe, si, width, after_entry)
+    return {out: (start + c, stage) for out, (c, stage) in memo[key].items()}
+
+
+def _cheapest_blocks(family: Any, ch: StageChoices, setup: LoweringSetup, cost: Callable[[BlockSpec], float],
+                     arch: ArchConfig, si: int, width: int, carry: Carry) -> dict[Carry, tuple[float, StageConfig]]:
+    """The cheapest allowed blocks of stage ``si`` after its entry, per carry they hand on."""
+    plain = [BlockConfig(ch.plain_mixer, e) for e in ch.expansions]
+    attn = [BlockConfig(m, e) for m in ch.attn_mixers for e in ch.expansions]
+    # prefixes of blocks: (carry, attention blocks so far) -> (cost, blocks); once an attention block is
+    # placed only attention blocks may follow, which the count says (attention blocks are the last ones)
+    layer: dict[tuple[Carry, int], tuple[float, tuple[BlockConfig, ...]]] = {(carry, 0): (0.0, ())}
+    ends: dict[Carry, tuple[float, StageConfig]] = {}
+    for depth in range(ch.depths[-1] + 1):
+        if depth in ch.depths:
+            for (out, n_attn), (c, blocks) in layer.items():
+                if n_attn in ch.attn_range(depth):
+                    _keep(ends, out, c, StageConfig(width, blocks))
+        if depth == ch.depths[-1]:
+            break
+        grown: dict[tuple[Carry, int], tuple[float, tuple[BlockConfig, ...]]] = {}
+        for (before, n_attn), (c, blocks) in layer.items():
+            options = ([] if n_attn else plain) + (attn if n_attn < ch.max_attn else [])
+            for b in options:
+                stage = StageConfig(width, (*blocks, b))
+                spec, out = family.block(arch.replace_stage(si, stage), si, depth, before, setup)
+                _keep(grown, (out, n_attn + (b.mixer != ch.plain_mixer)), c + cost(spec), stage.blocks)
+        layer = grown
+    return ends

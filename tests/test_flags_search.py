@@ -184,19 +184,52 @@ def test_flags_storage_and_study_name_share_one_study_between_runs(work: F.Share
     assert sub.arch.to_string() == best.user_attrs["arch"]   # the second run saw every trial of the study
 
 
-# ============================================================================ slim: exit code 3
-def test_slim_exits_3_when_nothing_meets_the_budget(work: F.Shared, tmp_path: Path) -> None:
+# ============================================================================ exit code 3
+def _least(work: F.Shared) -> tuple[float, str, int]:
+    """The least predicted latency over the space (and its config) and the fewest params."""
+    from latency import LatencyTable, fastest
+    from search_spaces import count_params
+    from search_spaces.enumerate import cheapest
+    from supernet.run import load_run
+
+    run = load_run(work.run_dir)
+    lut = LatencyTable.load(work.lut_path)
+    floor, arch = fastest(run.space, lut)
+    fewest, _ = cheapest(run.space, run.setup, lambda spec: count_params([spec]))
+    return floor, arch.to_string(), int(fewest)
+
+
+def test_search_refuses_at_once_a_budget_that_no_config_meets(work: F.Shared, tmp_path: Path) -> None:
     d = F.copy_workdir(work.path, tmp_path / "w")
+    floor, arch, fewest = _least(work)
+    loose = f"{F.space_extremes(work)['largest'][1] * 2:.4f}ms"
+    for flags, figure in ((["--latency", f"{floor * 0.98:.4f}ms"], f"{F.DEVICE} {floor:.3f} ms"),
+                          (["--latency", loose, "--max-params", str(fewest - 1)], f"{fewest / 1e6:.3f}M params")):
+        r = F.cli("nas-search", *flags, *CHEAP, cwd=d)
+        assert r.returncode == 3, F.describe(r)
+        assert "Traceback" not in r.stderr + r.stdout
+        msg = [ln for ln in F.lines(r.stderr) if "can meet the budgets" in ln]
+        assert len(msg) == 1 and figure in msg[0], r.stderr
+        if "--max-params" not in flags:
+            assert arch in msg[0], "the message names the fastest config"
+        assert not (d / "runs" / "search").exists(), "nothing is evaluated or written"
+
+
+def test_search_exits_3_when_no_candidate_meets_the_budgets(work: F.Shared, tmp_path: Path) -> None:
+    """A budget some config meets, which the search's few candidates miss: the error comes after the search."""
+    d = F.copy_workdir(work.path, tmp_path / "w")
+    floor, _, _ = _least(work)
     _, s_ms, s_params = F.space_extremes(work)["smallest"]
-    r = F.cli("nas-search", "--latency", f"{s_ms / 2:.4f}ms", "--max-actions", "1", *CHEAP, cwd=d)
+    r = F.cli("nas-search", "--latency", f"{floor * 1.0001:.6f}ms", "--strategy", "nsga2", "--population-size", "2",
+              "--n-trials", "2", "--seed", "0", *CHEAP, cwd=d)
     assert r.returncode == 3, F.describe(r)
     assert "Traceback" not in r.stderr + r.stdout
     msg = [ln for ln in F.lines(r.stderr) if "no subnet meets the budgets" in ln]
     assert len(msg) == 1 and f"{F.DEVICE} {s_ms:.3f} ms" in msg[0] and f"{s_params / 1e6:.3f}M params" in msg[0], r.stderr
     assert not (d / "subnet.json").exists() and not (d / "runs" / "search" / "subnet.json").exists()
-    with open(d / "runs" / "search" / "path.csv", newline="") as fh:
-        path = list(csv.DictReader(fh))
-    assert path and all(row["feasible"] == "False" for row in path)   # nothing it evaluated fits
+    with open(d / "runs" / "search" / "pareto.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(row["feasible"] == "False" for row in rows)   # nothing it evaluated fits
 
 
 # ============================================================================ --import of iPhone results

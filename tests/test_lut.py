@@ -5,6 +5,7 @@ subprocess) on tiny spaces; no test asserts on a timing.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -18,6 +19,7 @@ from latency import (
     Calibration,
     LatencyStats,
     LatencyTable,
+    fastest,
     get_profile,
     merge_tables,
     predict_breakdown,
@@ -35,7 +37,7 @@ from latency.prior import (
 )
 from latency.profiles import DeviceProfile
 from latency.validate import fidelity_metrics, fit_calibration, sample_archs, spearman, validate_lut
-from search_spaces import SearchSpace, StageChoices, block_macs, get_space, lower
+from search_spaces import ArchConfig, SearchSpace, StageChoices, block_macs, get_space, lower
 from search_spaces.enumerate import enumerate_specs
 from search_spaces.errors import FileFormatError, NasUserError
 
@@ -262,6 +264,65 @@ def test_fast_path_matches_lowering(name: str, resolution: int) -> None:
     from latency.predict import _compiled
 
     assert _compiled(lut).size < 5000  # figures are cached per unit, not per architecture
+
+
+def _every_config(space: SearchSpace) -> list[ArchConfig]:
+    """Every config of a (small) space, written out choice by choice."""
+    per_stage = []
+    for ch in space.stages:
+        per_stage.append([ch.stage(w, exps, mixers) for w in ch.widths for d in ch.depths for n in ch.attn_range(d)
+                          for exps in itertools.product(ch.expansions, repeat=d)
+                          for mixers in itertools.product(ch.attn_mixers, repeat=n)])
+    return [ArchConfig(space.family, stages, space.stem_stride, space.head_widths, space.head_dim)
+            for stages in itertools.product(*per_stage)]
+
+
+def _random_table(space: SearchSpace, resolution: int, seed: int) -> LatencyTable:
+    """Random block figures under a calibration whose per-block constant makes some blocks cost less than nothing:
+    then a deeper stage can be the faster one, and the minimum is not simply the smallest config."""
+    from search_spaces import family_defaults
+
+    dist = family_defaults(space.family)
+    lut = LatencyTable(device="d", backend="onnxruntime", resolution=resolution, num_classes=10, in_chans=3,
+                       distillation=dist, space_name=space.name, space_hash=space.hash, space=space.to_dict())
+    rng = np.random.default_rng(seed)
+    for spec in enumerate_specs(space, resolution=resolution, num_classes=10, in_chans=3):
+        lut.set_measured(spec.key, LatencyStats.from_samples([float(rng.uniform(0.01, 1.0))]))
+    lut.set_calibration(Calibration("blocks", 1.0, 0.3, per_block_ms=-0.2))
+    return lut
+
+
+@pytest.mark.parametrize("family", ["efficientformer_v2", "efficientformer"])
+def test_fastest_is_the_least_prediction_of_every_config(family: str) -> None:
+    """Checked against all ~20,000 configs of a small space, written out one by one."""
+    plain, mixers = ("ffn", ("lite", "attn")) if family == "efficientformer_v2" else ("pool", ("attn",))
+    e = (2, 4) if family == "efficientformer_v2" else (3, 4)
+    v2_only = (mixers, 1) if family == "efficientformer_v2" else ()  # V1 has attention in its last stage only
+    space = SearchSpace(f"small_{family}", family, (
+        StageChoices((16,), (1,), e, plain),
+        StageChoices((16, 24), (1, 2), e, plain),
+        StageChoices((32, 40), (1, 2), e, plain, *v2_only),
+        StageChoices((48,), (1, 2), e, plain, mixers, max_attn=2, min_attn=1 if family == "efficientformer" else 0),
+    ), stem_stride=2)
+    configs = _every_config(space)
+    assert 500 < len(configs) < 30_000 and all(space.contains(a) for a in configs)
+    for seed in range(3):
+        lut = _random_table(space, 32, seed)
+        value, arch = fastest(space, lut)
+        assert space.contains(arch)
+        assert value == pytest.approx(predict_latency(arch, lut), rel=1e-12)
+        assert value == pytest.approx(min(predict_latency(a, lut) for a in configs), rel=1e-12)
+
+
+@pytest.mark.parametrize("name, resolution", [("efficientformer_v2", 224), ("efficientformer", 224),
+                                              ("efficientvit", 224), ("efficientformer_v2_demo", 32)])
+def test_fastest_of_every_space_beats_its_samples(name: str, resolution: int) -> None:
+    space = get_space(name)
+    lut = _random_table(space, resolution, 0)
+    value, arch = fastest(space, lut)
+    assert space.contains(arch) and value == pytest.approx(predict_latency(arch, lut), rel=1e-12)
+    samples = [space.sample(i) for i in range(300)] + [space.smallest(), space.largest()]
+    assert value <= min(predict_latency(a, lut) for a in samples)
 
 
 # --------------------------------------------------------------------------- prior
