@@ -112,15 +112,23 @@ def render() -> str:
         lines.append("")
     sn = _load("supernet")
     if sn:
-        lines += ["**Supernet vs static training step** (same config, batch and threads, interleaved; target <= 1.10):",
+        lines += ["**Supernet vs static training step** (same config, batch and threads, interleaved; target <= 1.10; "
+                  "in brackets the 95% bootstrap interval over the rounds):",
                   "", "| space | config | params | static ms | supernet ms | step ratio | fwd+bwd ratio | "
                       "optimizer ms (static / supernet) |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in sn["rows"]:
             opt = (f"{r['static_optimizer_ms']:.1f} / {r['supernet_optimizer_ms']:.1f}"
                    if "supernet_optimizer_ms" in r else "n/a")
+            ci = r.get("ratio_ci95")
+            ratio = f"{r['ratio']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
             lines.append(f"| {r['space']} | {r['config']} | {r['params']:,} | {r['static_ms']:.1f} | "
-                         f"{r['supernet_ms']:.1f} | {r['ratio']:.3f} | {r['ratio_fwd_bwd']:.3f} | {opt} |")
+                         f"{r['supernet_ms']:.1f} | {ratio} | {r['ratio_fwd_bwd']:.3f} | {opt} |")
+        for r in sn.get("sandwich", []):
+            ci = r.get("ratio_ci95")
+            lines.append(f"\nA sandwich step of {r['space']} ({len(r['configs'])} configs, {r['resolution']} px, batch "
+                         f"{r['batch']}) costs {r['ratio']:.3f}x" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+                         + " the sum of its configs' static steps.")
         lines += ["", f"Sandwich-rule training throughput: {sn['train']['images_per_s']:.0f} images/s "
                       f"(about {sn['train']['fashion_mnist_epoch_s_estimate']:.0f} s per Fashion-MNIST epoch)."]
         if "train_full_v2" in sn:
