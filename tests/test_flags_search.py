@@ -203,6 +203,7 @@ def test_search_refuses_at_once_a_budget_that_no_config_meets(work: F.Shared, tm
     d = F.copy_workdir(work.path, tmp_path / "w")
     floor, arch, fewest = _least(work)
     loose = f"{F.space_extremes(work)['largest'][1] * 2:.4f}ms"
+    before = F.tree(d)
     for flags, figure in ((["--latency", f"{floor * 0.98:.4f}ms"], f"{F.DEVICE} {floor:.3f} ms"),
                           (["--latency", loose, "--max-params", str(fewest - 1)], f"{fewest / 1e6:.3f}M params")):
         r = F.cli("nas-search", *flags, *CHEAP, cwd=d)
@@ -212,7 +213,7 @@ def test_search_refuses_at_once_a_budget_that_no_config_meets(work: F.Shared, tm
         assert len(msg) == 1 and figure in msg[0], r.stderr
         if "--max-params" not in flags:
             assert arch in msg[0], "the message names the fastest config"
-        assert not (d / "runs" / "search").exists(), "nothing is evaluated or written"
+        assert F.tree(d) == before, "nothing is evaluated or written"
 
 
 def test_search_exits_3_when_no_candidate_meets_the_budgets(work: F.Shared, tmp_path: Path) -> None:
