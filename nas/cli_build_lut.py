@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -372,7 +373,10 @@ def _local(args: argparse.Namespace, profile: DeviceProfile, setup: _Setup, out:
           f"in {res.seconds:.1f} s -> {out} ({t.source_label})")
     noisy = sum(1 for _, e in t.items() if e.stats is not None and e.stats.noisy)
     if noisy:
-        print(f"note: {noisy} entries are noisy (IQR > 10% of the median); the machine was busy")
+        load = f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+        print(f"note: {noisy} of {len(t)} entries are noisy (IQR > 10% of the median{'; ' + load if load else ''}): "
+              f"other processes on the CPU, or blocks too short to time steadily"
+              + ("; the calibration below absorbs part of it" if archs else ""))
     if archs:
         _validate(t, archs, res.networks, out, {
             "measured": "in-process", "interleaved_with_blocks": res.measured > 0,
