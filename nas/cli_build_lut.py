@@ -373,10 +373,9 @@ def _local(args: argparse.Namespace, profile: DeviceProfile, setup: _Setup, out:
           f"in {res.seconds:.1f} s -> {out} ({t.source_label})")
     noisy = sum(1 for _, e in t.items() if e.stats is not None and e.stats.noisy)
     if noisy:
-        load = f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
-        print(f"note: {noisy} of {len(t)} entries are noisy (IQR > 10% of the median{'; ' + load if load else ''}): "
-              f"other processes on the CPU, or blocks too short to time steadily"
-              + ("; the calibration below absorbs part of it" if archs else ""))
+        load = getattr(os, "getloadavg", lambda: (float("nan"),))()[0]  # (not on Windows)
+        print(f"note: {noisy} of {len(t)} entries are noisy (IQR > 10% of the median; load average {load:.2f} on "
+              f"{os.cpu_count()} cores): other processes on the CPU, or blocks too short to time steadily")
     if archs:
         _validate(t, archs, res.networks, out, {
             "measured": "in-process", "interleaved_with_blocks": res.measured > 0,
