@@ -111,7 +111,8 @@ def cheapest(space: SearchSpace, setup: LoweringSetup, cost: Callable[[BlockSpec
     walks them. Within a stage, a block's spec depends only on the carry before it, the stage's
     width, the block itself and whether it opens the stage (see
     :class:`~search_spaces.lowering.Family`), so the cheapest way to fill a stage is found block
-    by block, keeping per carry, attention count and layout phase only the cheapest prefix. The
+    by block, keeping only the cheapest prefix per carry and attention count (a count above zero
+    also says that only attention blocks may follow). The
     first stage's width is tied to the stem's (the stem lowers from it). Every rule of
     :meth:`SearchSpace.why_not` holds for the result: allowed widths, depths and expansions,
     attention blocks last and as many as :meth:`StageChoices.attn_range` allows.
