@@ -66,6 +66,12 @@ def quick_supernet() -> list[str]:
     return ["--supernet", str(QUICK_WORK / "runs" / "fmnist")]
 
 
+def _ratio(row: dict, unit: str = "") -> str:
+    """A bench_supernet ratio with its 95% interval, where the results file has one."""
+    ci = row.get("ratio_ci95")
+    return f"{row['ratio']:.3f}{unit}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
 def demo_figures() -> dict | None:
     """The demo run's figures (its supernet's accuracies, its extraction): read from ``demo/`` where `make demo`
     ran, and kept in ``results/demo.json`` so that a checkout without that folder renders them too."""
@@ -120,15 +126,11 @@ def render() -> str:
         for r in sn["rows"]:
             opt = (f"{r['static_optimizer_ms']:.1f} / {r['supernet_optimizer_ms']:.1f}"
                    if "supernet_optimizer_ms" in r else "n/a")
-            ci = r.get("ratio_ci95")
-            ratio = f"{r['ratio']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
             lines.append(f"| {r['space']} | {r['config']} | {r['params']:,} | {r['static_ms']:.1f} | "
-                         f"{r['supernet_ms']:.1f} | {ratio} | {r['ratio_fwd_bwd']:.3f} | {opt} |")
+                         f"{r['supernet_ms']:.1f} | {_ratio(r)} | {r['ratio_fwd_bwd']:.3f} | {opt} |")
         for r in sn.get("sandwich", []):
-            ci = r.get("ratio_ci95")
             lines.append(f"\nA sandwich step of {r['space']} ({len(r['configs'])} configs, {r['resolution']} px, batch "
-                         f"{r['batch']}) costs {r['ratio']:.3f}x" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-                         + " the sum of its configs' static steps.")
+                         f"{r['batch']}) costs {_ratio(r, 'x')} the sum of its configs' static steps.")
         lines += ["", f"Sandwich-rule training throughput: {sn['train']['images_per_s']:.0f} images/s "
                       f"(about {sn['train']['fashion_mnist_epoch_s_estimate']:.0f} s per Fashion-MNIST epoch)."]
         if "train_full_v2" in sn:

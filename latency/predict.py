@@ -353,14 +353,7 @@ def fastest(space: SearchSpace, lut: LatencyTable) -> tuple[float, ArchConfig]:
     from search_spaces.enumerate import cheapest
 
     comp = _compiled(lut)
-
-    def cost(spec: BlockSpec) -> float:
-        value = comp.by_spec.get(spec)
-        if value is None:
-            raise _missing_error(spec, lut, comp, None)
-        return value
-
-    total, arch = cheapest(space, comp.setup, cost)
+    total, arch = cheapest(space, comp.setup, lambda spec: block_ms(spec, lut))
     return total + comp.offset, arch
 
 

@@ -126,8 +126,8 @@ def cheapest(space: SearchSpace, setup: LoweringSetup, cost: Callable[[BlockSpec
     """
     family = get_family(space.family)
     base = space.smallest()
-    # states between stages: carry -> (cost so far, the stages that reached it)
-    states: dict[Carry, tuple[float, tuple[StageConfig, ...]]] = {}
+    # states between stages: carry -> (cost so far, the config whose stages so far reached it)
+    states: dict[Carry, tuple[float, ArchConfig]] = {}
     stage_memo: dict[tuple[Any, ...], Any] = {}
     for w0 in space.stages[0].widths:
         arch = base.replace_stage(0, StageConfig(w0, base.stages[0].blocks))
@@ -135,23 +135,17 @@ def cheapest(space: SearchSpace, setup: LoweringSetup, cost: Callable[[BlockSpec
         specs, carry = family.stem(arch, setup)
         done = _cheapest_stage(family, space, setup, cost, arch, 0, w0, carry, stage_memo)
         for out, (c, stage) in done.items():
-            _keep(states, out, sum(cost(s) for s in specs) + c, (stage,))
+            _keep(states, out, sum(cost(s) for s in specs) + c, arch.replace_stage(0, stage))
     for si in range(1, len(space.stages)):
-        after: dict[Carry, tuple[float, tuple[StageConfig, ...]]] = {}
-        for carry, (so_far, stages) in states.items():
-            arch = base
-            for i, st in enumerate(stages):
-                arch = arch.replace_stage(i, st)
+        after: dict[Carry, tuple[float, ArchConfig]] = {}
+        for carry, (so_far, arch) in states.items():
             for w in space.stages[si].widths:
                 done = _cheapest_stage(family, space, setup, cost, arch, si, w, carry, stage_memo)
                 for out, (c, stage) in done.items():
-                    _keep(after, out, so_far + c, (*stages, stage))
+                    _keep(after, out, so_far + c, arch.replace_stage(si, stage))
         states = after
     best: tuple[float, ArchConfig] | None = None
-    for carry, (total, stages) in states.items():
-        arch = base
-        for i, st in enumerate(stages):
-            arch = arch.replace_stage(i, st)
+    for carry, (total, arch) in states.items():
         if setup.task == "classify":
             total += sum(cost(s) for s in family.head(arch, carry, setup))
         if best is None or total < best[0]:

@@ -294,7 +294,7 @@ def _random_table(space: SearchSpace, resolution: int, seed: int) -> LatencyTabl
 
 @pytest.mark.parametrize("family", ["efficientformer_v2", "efficientformer"])
 def test_fastest_is_the_least_prediction_of_every_config(family: str) -> None:
-    """Checked against all ~20,000 configs of a small space, written out one by one."""
+    """Checked against every config of a small space, written out one by one (29,376 for V2, 2,880 for V1)."""
     plain, mixers = ("ffn", ("lite", "attn")) if family == "efficientformer_v2" else ("pool", ("attn",))
     e = (2, 4) if family == "efficientformer_v2" else (3, 4)
     v2_only = (mixers, 1) if family == "efficientformer_v2" else ()  # V1 has attention in its last stage only
