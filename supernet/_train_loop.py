@@ -38,7 +38,7 @@ from search_spaces.schema import validate
 from .bn import evaluate, recalibrate_bn
 from .compile import CompiledSupernet
 from .checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors
-from .optim import SharedAdamW, used_region
+from .optim import SharedAdamW, forget_slices, used_region
 from .data import DatasetSplits, calibration_batches, load_dataset, make_loader
 from .elastic import SUPPORTED_FAMILIES, Supernet
 from .run_schema import SUPERNET_SCHEMA, CheckpointMeta, EpochSums, RunMeta, SupernetFile
@@ -99,6 +99,7 @@ class _Dist:
         if self.world > 1:
             for t in list(module.parameters()) + list(module.buffers()):
                 dist.broadcast(t.data, src=0)
+            forget_slices(module.parameters())  # those writes bypass the version counters the slice copies trust
 
     def average_grads(self, params: list[torch.nn.Parameter]) -> None:
         """All-reduce (mean) the gradients this step used; ranks train the same archs, so the same exist."""

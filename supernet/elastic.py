@@ -148,7 +148,7 @@ class ElasticUnit(nn.Module):
             else:
                 out.append(full if p.whole else full[p.index])
         if tracked:
-            parts = SliceWithGrad.apply(tuple(plan.slices[i].index for i in tracked), *(out[i] for i in tracked))
+            parts = SliceWithGrad.slices(tuple(plan.slices[i].index for i in tracked), tuple(out[i] for i in tracked))
             for i, part in zip(tracked, parts):
                 out[i] = part
         return out

@@ -31,20 +31,77 @@ from typing import Any
 
 import torch
 
-__all__ = ["SharedAdamW", "is_dense", "manage", "mark_used", "used_region"]
+__all__ = ["SharedAdamW", "SliceCache", "forget_slices", "is_dense", "manage", "mark_used", "slice_cache", "used_region"]
 
 _REGION = "_nas_used_region"
 _MANAGED = "_nas_managed"
+_SLICE = "_nas_slice"
 
 
 def mark_used(param: torch.Tensor, shape: tuple[int, ...] | torch.Size | None = None) -> None:
     """Record that the current step used ``param[:shape[0], :shape[1], ...]`` (``None``: all of it)."""
-    full = tuple(param.shape)
-    new = full if shape is None else tuple(shape)
+    new = tuple(param.shape if shape is None else shape)
     old = getattr(param, _REGION, None)
-    if old is not None:
+    if old is not None and old != new:
         new = tuple(max(a, b) for a, b in zip(old, new))
     setattr(param, _REGION, new)
+
+
+class SliceCache:
+    """What slicing a shared tensor leaves for the next slice of the same region (see :func:`slice_cache`).
+
+    ``view`` is the region as a view of the tensor, ``dense`` whether that view is dense memory. For a
+    strided region, ``copy`` is the dense copy the forward passes use and ``version`` the tensor's
+    version counter when ``copy`` was last equal to the region: any in-place write to the tensor or a
+    view of it moves the counter and so retires the copy. :class:`SharedAdamW` steps a strided region
+    in its copy and writes it back, after which the copy is current again: a subnet trained step after
+    step is gathered and copied once, not every step. ``grad_view`` is the region of the gradient whose
+    memory starts at ``grad_ptr``.
+    """
+
+    __slots__ = ("index", "ptr", "view", "shape", "dense", "copy", "version", "grad_ptr", "grad_view")
+
+    def __init__(self, full: torch.Tensor, index: tuple[slice, ...]) -> None:
+        self.index, self.ptr = index, full.data_ptr()
+        self.view = full.detach()[index]
+        self.shape, self.dense = self.view.shape, is_dense(self.view)
+        self.copy: torch.Tensor | None = None
+        self.version = -1
+        self.grad_ptr: int | None = None
+        self.grad_view: torch.Tensor | None = None
+
+    def current_copy(self, full: torch.Tensor) -> torch.Tensor | None:
+        """The dense copy of the region, if nothing has written to ``full`` since it was taken."""
+        if self.copy is not None and self.version == full._version and self.ptr == full.data_ptr():
+            return self.copy
+        return None
+
+    def grad_region(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad[index]``, kept while the gradient's memory is the same (the cached view holds that memory)."""
+        ptr = grad.data_ptr()
+        if ptr != self.grad_ptr:
+            self.grad_view, self.grad_ptr = grad[self.index], ptr
+        return self.grad_view  # type: ignore[return-value]
+
+
+def slice_cache(full: torch.Tensor, index: tuple[slice, ...]) -> SliceCache:
+    """``full``'s :class:`SliceCache` for ``index``, made anew when the index or the tensor's memory changed.
+
+    Marks ``full`` as sliced (:func:`manage`): its uses are marked by the slices from then on.
+    """
+    cache = getattr(full, _SLICE, None)
+    if cache is None or cache.index != index or cache.ptr != full.data_ptr():
+        cache = SliceCache(full, index)
+        setattr(full, _SLICE, cache)
+        setattr(full, _MANAGED, True)
+    return cache
+
+
+def forget_slices(params: Iterable[torch.Tensor]) -> None:
+    """Drop the slice caches of ``params``: for writes that bypass the version counter (``t.data``, collectives)."""
+    for p in params:
+        if hasattr(p, _SLICE):
+            delattr(p, _SLICE)
 
 
 def manage(param: torch.Tensor) -> None:
@@ -173,8 +230,9 @@ class SharedAdamW(torch.optim.Optimizer):
             box = _box(region)
             views = tuple(t[box] for t in views)
         # Whole tensors, and regions that are dense already (1-D prefixes, leading rows), are stepped in
-        # place; a strided region is gathered into dense buffers of its own.
-        buffers = None if _dense_alike(views) else tuple(torch.empty_like(v, memory_format=torch.contiguous_format)
+        # place; a strided region is gathered into dense buffers of its own, laid out as the forward's
+        # dense copy of it is (``clone`` in the preserved format), so that the copy can stand in for one.
+        buffers = None if _dense_alike(views) else tuple(torch.empty_like(v, memory_format=torch.preserve_format)
                                                          for v in views)
         plan = self._plans[p] = _Plan(key, views, buffers)
         return plan
@@ -195,6 +253,9 @@ class SharedAdamW(torch.optim.Optimizer):
                     if plan is not None:
                         self._write_back(plan, p)
                     p.grad = None
+                    cache = getattr(p, _SLICE, None)
+                    if cache is not None:  # its view would keep the dropped gradient's memory
+                        cache.grad_view = cache.grad_ptr = None
                 elif p.grad is not None:
                     plan = self._plans.get(p)
                     if plan is not None and plan.key == _plan_key(p, region, self.state[p]):
@@ -221,7 +282,7 @@ class SharedAdamW(torch.optim.Optimizer):
             steps: list[torch.Tensor] = []
             gather_to: list[torch.Tensor] = []
             gather_from: list[torch.Tensor] = []
-            strided: list[_Plan] = []
+            strided: list[tuple[torch.Tensor, _Plan, torch.Tensor, SliceCache | None]] = []
             for p in group["params"]:
                 region = used_region(p)
                 if p.grad is None or region is None:
@@ -233,13 +294,23 @@ class SharedAdamW(torch.optim.Optimizer):
                     for out, t in zip(tensors, plan.views):
                         out.append(t)
                     continue
-                for out, t in zip(tensors, bufs):
+                # The region's dense copy from the forward pass, when nothing has written to ``p`` since,
+                # is the parameter's buffer (not gathered again), and stays current after the write-back.
+                cache = getattr(p, _SLICE, None)
+                if cache is None or cache.shape != region or cache.ptr != p.data_ptr():
+                    cache = None
+                copy = None if cache is None else cache.current_copy(p)
+                if copy is not None and copy.stride() != bufs[0].stride():
+                    copy = cache = None
+                tensors[0].append(bufs[0] if copy is None else copy)
+                for out, t in zip(tensors[1:], bufs[1:]):
                     out.append(t)
-                n = 2 if plan.loaded else 4  # moments: once, when the plan is new
-                gather_to.extend(bufs[:n])
-                gather_from.extend(plan.views[:n])
+                first = 0 if copy is None else 1
+                last = 2 if plan.loaded else 4  # moments: once, when the plan is new
+                gather_to.extend(bufs[first:last])
+                gather_from.extend(plan.views[first:last])
                 plan.loaded = plan.dirty = True
-                strided.append(plan)
+                strided.append((p, plan, tensors[0][-1], cache))
             if not steps:
                 continue
             if gather_to:
@@ -248,9 +319,11 @@ class SharedAdamW(torch.optim.Optimizer):
             torch._foreach_add_(steps, 1)
             torch._fused_adamw_(*tensors, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
                                 beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-            if strided:  # the parameter's region back into the parameter
-                torch._foreach_copy_([pl.views[0] for pl in strided],
-                                     [pl.buffers[0] for pl in strided])  # type: ignore[index]
+            if strided:  # the parameter's region back into the parameter; its buffer is the region's copy now
+                torch._foreach_copy_([plan.views[0] for _, plan, _, _ in strided], [t for _, _, t, _ in strided])
+                for p, _, t, cache in strided:
+                    if cache is not None:
+                        cache.copy, cache.version = t, p._version
         return loss
 
 

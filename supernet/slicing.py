@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from search_spaces import BlockSpec
 
-from .optim import is_dense, manage, mark_used
+from .optim import mark_used, slice_cache
 
 __all__ = ["SLICERS", "SliceWithGrad", "Slicer", "lite_proj", "prefix", "prefix_index"]
 
@@ -32,35 +32,56 @@ class SliceWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, indexes: tuple[tuple[slice, ...], ...],  # type: ignore[override]
-                *fulls: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, indexes: tuple[tuple[slice, ...], ...], fulls: tuple[torch.Tensor, ...],  # type: ignore[override]
+                anchor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
-        ctx.fulls, ctx.indexes = fulls, indexes
+        ctx.fulls = fulls
+        ctx.caches = caches = [slice_cache(full, index) for full, index in zip(fulls, indexes)]
         parts = []
-        for full, index in zip(fulls, indexes):
-            manage(full)
-            part = full.detach()[index]
-            # A strided slice gets one dense copy, shared by the forward op and its backward (each
-            # would otherwise make its own); clone keeps the weight's memory format (channels_last
-            # stays so). A slice that is dense already (a vector's prefix, leading rows) is used as it is.
-            parts.append(part if is_dense(part) else part.clone(memory_format=torch.preserve_format))
+        for full, cache in zip(fulls, caches):
+            if cache.dense:  # a slice that is dense already (a vector's prefix, leading rows) is used as it is
+                parts.append(cache.view.detach())
+                continue
+            # A strided slice gets one dense copy, shared by the forward op and its backward (each would
+            # otherwise make its own), and kept for later slices until the tensor is written to; clone
+            # keeps the weight's memory format (channels_last stays so).
+            copy = cache.current_copy(full)
+            if copy is None:
+                copy = cache.copy = cache.view.clone(memory_format=torch.preserve_format)
+                cache.version = full._version
+            parts.append(copy.detach())
         return tuple(parts)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[None, ...]:  # type: ignore[override]
         with torch.no_grad():
             into, parts = [], []
-            for full, index, grad in zip(ctx.fulls, ctx.indexes, grads):
+            for full, cache, grad in zip(ctx.fulls, ctx.caches, grads):
                 if grad is None:  # that slice did not reach the loss
                     continue
                 if full.grad is None:
                     full.grad = torch.zeros_like(full)
-                into.append(full.grad if grad.shape == full.shape else full.grad[index])
+                into.append(full.grad if grad.shape == full.shape else cache.grad_region(full.grad))
                 parts.append(grad)
                 mark_used(full, grad.shape)
             if into:
                 torch._foreach_add_(into, parts)  # one call for the block's tensors
-        return (None,) * (len(grads) + 1)
+        return None, None, None
+
+    @classmethod
+    def slices(cls, indexes: tuple[tuple[slice, ...], ...], fulls: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``full[index]`` for each pair, as one autograd node.
+
+        The weights reach the node inside a tuple, which autograd does not look into: it would give
+        every weight a gradient-accumulation node of its own, which the engine then runs (and each
+        one's hooks) with no gradient, since this node's backward writes ``.grad`` itself. A 0-dim
+        tensor that requires grad stands in for all of them, so that the slices require grad.
+        """
+        return cls.apply(indexes, fulls, _ANCHOR)
+
+
+#: The one input through which :meth:`SliceWithGrad.slices` joins the autograd graph (it gets no gradient).
+_ANCHOR = torch.zeros((), requires_grad=True)
 
 
 def prefix_index(full_shape: torch.Size, shape: torch.Size) -> tuple[slice, ...]:
@@ -78,7 +99,7 @@ def prefix(full: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``full[:shape[0], :shape[1], ...]``; a parameter's gradient lands in its ``.grad`` and marks the region used."""
     index = prefix_index(full.shape, shape)
     if isinstance(full, nn.Parameter) and full.requires_grad and torch.is_grad_enabled():
-        return SliceWithGrad.apply((index,), full)[0]
+        return SliceWithGrad.slices((index,), (full,))[0]
     if full.shape == shape:
         return full
     return full[index]

@@ -171,3 +171,52 @@ def test_moments_kept_in_buffers_follow_region_changes_state_dicts_and_set_to_no
     for k in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(ours.state[full][k], ref_state[k])
     assert ours.state[full]["step"].item() == ref_state["step"].item() == len(regions)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_sliced_weights_step_like_adamw_through_their_kept_copies(channels_last: bool) -> None:
+    """A strided slice's dense copy is reused by the next forward and stepped in place by SharedAdamW.
+
+    Through SliceWithGrad, over steps that repeat a region, change it, and write to the parameter from
+    outside (which must retire the copy): bit for bit the region-by-region AdamW reference, and every
+    forward sees the parameter's current values.
+    """
+    from supernet.slicing import SliceWithGrad
+
+    gen = torch.Generator().manual_seed(7)
+    shape = (6, 5, 3, 3)
+    full = torch.nn.Parameter(torch.randn(*shape, generator=gen))
+    if channels_last:
+        full.data = full.data.contiguous(memory_format=torch.channels_last)
+    ref_param, ref_grad, ref_state = full.detach().clone(), torch.zeros(shape), {}
+    ours = SharedAdamW([full], lr=1e-2, weight_decay=0.05)
+    regions = [(4, 2, 3, 3), (4, 2, 3, 3), (4, 2, 3, 3), "write", (4, 2, 3, 3), (5, 3, 3, 3), (4, 2, 3, 3),
+               (6, 5, 3, 3), (4, 2, 3, 3), "load", (4, 2, 3, 3), (4, 2, 3, 3)]
+    for i, region in enumerate(regions):
+        if region == "write":  # an in-place write from outside: the kept copy must not be used again
+            with torch.no_grad():
+                full.mul_(0.5)
+            ref_param.mul_(0.5)
+            continue
+        if region == "load":  # a new tensor behind the parameter
+            full.data = (full.data * 2).contiguous(memory_format=torch.channels_last if channels_last
+                                                   else torch.contiguous_format)
+            ref_param.mul_(2)
+            continue
+        box = tuple(slice(0, n) for n in region)
+        ours.zero_grad()
+        ref_grad.zero_()
+        (part,) = SliceWithGrad.slices((box,), (full,))
+        assert torch.equal(part, ref_param[box]), f"step {i}: the forward saw stale values"
+        if i in (1, 2):  # the same region as the step before, nothing written in between: the same copy
+            assert part.data_ptr() == last_ptr, f"step {i}: copied again"
+        last_ptr = part.data_ptr()
+        w = torch.randn(*region, generator=gen)
+        (part * w).sum().backward()
+        ref_grad[box] += w
+        ours.step()
+        _reference_step(ref_param, ref_grad, ref_state, region, lr=1e-2, weight_decay=0.05)
+        assert torch.equal(full.detach(), ref_param), f"step {i}"
+    ours.sync_state()
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(ours.state[full][k], ref_state[k])
