@@ -30,12 +30,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch.autograd.graph import increment_version
 
 __all__ = ["SharedAdamW", "SliceCache", "forget_slices", "is_dense", "manage", "mark_used", "slice_cache", "used_region"]
 
 _REGION = "_nas_used_region"
 _MANAGED = "_nas_managed"
 _SLICE = "_nas_slice"
+_KEEPS_COPIES = "_nas_keeps_copies"
 
 
 def mark_used(param: torch.Tensor, shape: tuple[int, ...] | torch.Size | None = None) -> None:
@@ -56,10 +58,13 @@ class SliceCache:
     view of it moves the counter and so retires the copy. :class:`SharedAdamW` steps a strided region
     in its copy and writes it back, after which the copy is current again: a subnet trained step after
     step is gathered and copied once, not every step. ``grad_view`` is the region of the gradient whose
-    memory starts at ``grad_ptr``.
+    memory starts at ``grad_ptr``. ``dense_grad`` is the backward pass's dense gradient of a strided region
+    that held zeros before it was added, so equals the region while the gradient's version counter stays at
+    ``grad_version``: the optimizer steps it instead of gathering the region.
     """
 
-    __slots__ = ("index", "ptr", "view", "shape", "dense", "copy", "version", "grad_ptr", "grad_view")
+    __slots__ = ("index", "ptr", "view", "shape", "dense", "copy", "version", "grad_ptr", "grad_view", "dense_grad",
+                 "grad_version")
 
     def __init__(self, full: torch.Tensor, index: tuple[slice, ...]) -> None:
         self.index, self.ptr = index, full.data_ptr()
@@ -69,12 +74,33 @@ class SliceCache:
         self.version = -1
         self.grad_ptr: int | None = None
         self.grad_view: torch.Tensor | None = None
+        self.dense_grad: torch.Tensor | None = None
+        self.grad_version = -1
 
     def current_copy(self, full: torch.Tensor) -> torch.Tensor | None:
-        """The dense copy of the region, if nothing has written to ``full`` since it was taken."""
-        if self.copy is not None and self.version == full._version and self.ptr == full.data_ptr():
+        """The dense copy of the region, if nothing has written to ``full`` since it was taken.
+
+        Only for a tensor that a :class:`SharedAdamW` steps: fused optimizer kernels (torch's own
+        ``AdamW(fused=True)`` among them) write in place without moving the version counter, and
+        SharedAdamW moves it itself.
+        """
+        if (self.copy is not None and self.version == full._version and self.ptr == full.data_ptr()
+                and getattr(full, _KEEPS_COPIES, False)):
             return self.copy
         return None
+
+    def stand_ins(self, full: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The region's dense copy and the backward pass's dense gradient of it, each where it is current and
+        laid out like ``like`` (else None); the gradient is handed over once."""
+        copy = self.current_copy(full)
+        if copy is not None and copy.stride() != like.stride():
+            copy = None
+        grad, self.dense_grad = self.dense_grad, None
+        g = full.grad
+        if grad is not None and (g is None or g.data_ptr() != self.grad_ptr or g._version != self.grad_version
+                                 or grad.stride() != like.stride()):
+            grad = None
+        return copy, grad
 
     def grad_region(self, grad: torch.Tensor) -> torch.Tensor:
         """``grad[index]``, kept while the gradient's memory is the same (the cached view holds that memory)."""
@@ -186,6 +212,7 @@ class SharedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.requires_grad:  # plain autograd accumulation means the whole tensor was used
                     p.register_post_accumulate_grad_hook(_mark_whole)
+                setattr(p, _KEEPS_COPIES, True)  # its writes move its version counter (see SliceCache)
 
     # ----------------------------------------------------------------- state kept in buffers
     def _write_back(self, plan: _Plan, p: torch.Tensor) -> None:
@@ -232,8 +259,8 @@ class SharedAdamW(torch.optim.Optimizer):
         # Whole tensors, and regions that are dense already (1-D prefixes, leading rows), are stepped in
         # place; a strided region is gathered into dense buffers of its own, laid out as the forward's
         # dense copy of it is (``clone`` in the preserved format), so that the copy can stand in for one.
-        buffers = None if _dense_alike(views) else tuple(torch.empty_like(v, memory_format=torch.preserve_format)
-                                                         for v in views)
+        buffers = None if _dense_alike(views) else tuple(torch.empty_like(views[0], memory_format=torch.preserve_format)
+                                                         for _ in views)
         plan = self._plans[p] = _Plan(key, views, buffers)
         return plan
 
@@ -294,21 +321,22 @@ class SharedAdamW(torch.optim.Optimizer):
                     for out, t in zip(tensors, plan.views):
                         out.append(t)
                     continue
-                # The region's dense copy from the forward pass, when nothing has written to ``p`` since,
-                # is the parameter's buffer (not gathered again), and stays current after the write-back.
+                # The forward pass's dense copy of the region and the backward pass's dense gradient of it,
+                # where current, stand in for the parameter's and the gradient's buffers (not gathered
+                # again); the copy stays current after the write-back.
                 cache = getattr(p, _SLICE, None)
-                if cache is None or cache.shape != region or cache.ptr != p.data_ptr():
+                if cache is not None and (cache.shape != region or cache.ptr != p.data_ptr()):
                     cache = None
-                copy = None if cache is None else cache.current_copy(p)
-                if copy is not None and copy.stride() != bufs[0].stride():
-                    copy = cache = None
-                tensors[0].append(bufs[0] if copy is None else copy)
-                for out, t in zip(tensors[1:], bufs[1:]):
+                own = (None, None) if cache is None else cache.stand_ins(p, bufs[0])
+                n = 2 if plan.loaded else 4  # moments: gathered once, when the plan is new
+                for i, (out, buf) in enumerate(zip(tensors, bufs)):
+                    t = own[i] if i < 2 else None
+                    if t is None:
+                        t = buf
+                        if i < n:
+                            gather_to.append(buf)
+                            gather_from.append(plan.views[i])
                     out.append(t)
-                first = 0 if copy is None else 1
-                last = 2 if plan.loaded else 4  # moments: once, when the plan is new
-                gather_to.extend(bufs[first:last])
-                gather_from.extend(plan.views[first:last])
                 plan.loaded = plan.dirty = True
                 strided.append((p, plan, tensors[0][-1], cache))
             if not steps:
@@ -319,6 +347,9 @@ class SharedAdamW(torch.optim.Optimizer):
             torch._foreach_add_(steps, 1)
             torch._fused_adamw_(*tensors, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
                                 beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            # The fused kernel writes in place without telling autograd: move the version counters, which
+            # retire the slices' copies of a tensor stepped in place (and catch a graph still holding one).
+            increment_version(tensors[0])
             if strided:  # the parameter's region back into the parameter; its buffer is the region's copy now
                 torch._foreach_copy_([plan.views[0] for _, plan, _, _ in strided], [t for _, _, t, _ in strided])
                 for p, _, t, cache in strided:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from search_spaces import BlockSpec
 
-from .optim import mark_used, slice_cache
+from .optim import mark_used, slice_cache, used_region
 
 __all__ = ["SLICERS", "SliceWithGrad", "Slicer", "lite_proj", "prefix", "prefix_index"]
 
@@ -55,17 +55,27 @@ class SliceWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[None, ...]:  # type: ignore[override]
         with torch.no_grad():
-            into, parts = [], []
+            into, parts, handed = [], [], []
             for full, cache, grad in zip(ctx.fulls, ctx.caches, grads):
                 if grad is None:  # that slice did not reach the loss
                     continue
                 if full.grad is None:
                     full.grad = torch.zeros_like(full)
-                into.append(full.grad if grad.shape == full.shape else cache.grad_region(full.grad))
+                if grad.shape == full.shape:
+                    into.append(full.grad)
+                else:
+                    into.append(cache.grad_region(full.grad))
+                    if not cache.dense and used_region(full) is None:
+                        # The first gradient since zero_grad: the region held zeros, so after the add it equals
+                        # ``grad``, which the optimizer can step instead of gathering the region.
+                        handed.append((full, cache, grad, full.grad._version))
                 parts.append(grad)
                 mark_used(full, grad.shape)
             if into:
                 torch._foreach_add_(into, parts)  # one call for the block's tensors
+            for full, cache, grad, version in handed:
+                if full.grad._version == version + 1:  # added to once (not twice, as a weight sliced twice here)
+                    cache.dense_grad, cache.grad_version = grad, version + 1
         return None, None, None
 
     @classmethod

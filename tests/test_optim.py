@@ -79,15 +79,17 @@ def test_refuses_bad_values(kw: dict, name: str) -> None:
         SharedAdamW([torch.nn.Parameter(torch.zeros(2))], **kw)
 
 
-@pytest.mark.parametrize("shape, region, channels_last", [
-    ((6, 5, 3, 3), (4, 2, 3, 3), False),  # strided: gathered, stepped, written back
-    ((6, 5, 3, 3), (4, 2, 3, 3), True),
-    ((6, 5, 3, 3), (4, 5, 3, 3), True),  # leading rows: dense already, stepped in place
-    ((6, 5), (4, 5), False),
-    ((7,), (3,), False),  # a vector's prefix (biases, norms): dense, stepped in place
-], ids=["strided", "strided-channels_last", "rows-channels_last", "rows", "prefix"])
+@pytest.mark.parametrize("shape, region, channels_last, grad_contiguous", [
+    ((6, 5, 3, 3), (4, 2, 3, 3), False, False),  # strided: gathered, stepped, written back
+    ((6, 5, 3, 3), (4, 2, 3, 3), True, False),
+    ((6, 5, 3, 3), (4, 2, 3, 3), True, True),  # a gradient laid out unlike its parameter
+    ((6, 5, 3, 3), (4, 5, 3, 3), True, False),  # leading rows: dense already, stepped in place
+    ((6, 5), (4, 5), False, False),
+    ((7,), (3,), False, False),  # a vector's prefix (biases, norms): dense, stepped in place
+], ids=["strided", "strided-channels_last", "strided-channels_last-grad_contiguous", "rows-channels_last", "rows",
+        "prefix"])
 def test_a_used_region_steps_exactly_like_adamw_on_that_slice(shape: tuple[int, ...], region: tuple[int, ...],
-                                                              channels_last: bool) -> None:
+                                                              channels_last: bool, grad_contiguous: bool) -> None:
     """Bit for bit AdamW on a tensor holding just the used slice; nothing outside it changes."""
     from supernet.optim import manage, mark_used
 
@@ -105,7 +107,7 @@ def test_a_used_region_steps_exactly_like_adamw_on_that_slice(shape: tuple[int, 
         g = torch.randn(*region, generator=gen)
         ours.zero_grad()
         if full.grad is None:
-            full.grad = torch.zeros_like(full)
+            full.grad = torch.zeros(shape) if grad_contiguous else torch.zeros_like(full)
         full.grad[box] += g
         mark_used(full, g.shape)
         alone.grad = torch.empty_like(alone).copy_(g)  # the fused kernel needs the parameter's own layout
@@ -128,7 +130,9 @@ def _reference_step(full: torch.Tensor, grad: torch.Tensor, state: dict, region:
     if not state:
         state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(full), exp_avg_sq=torch.zeros_like(full))
     views = (full[box], grad[box], state["exp_avg"][box], state["exp_avg_sq"][box])
-    dense = [v.contiguous() for v in views]
+    # Dense copies in the layout SharedAdamW's buffers have (the fused kernel's vector tail falls on other
+    # elements in another layout, which can move results by an ulp).
+    dense = [v.clone(memory_format=torch.preserve_format) for v in views]
     state["step"] += 1
     torch._fused_adamw_(*([d] for d in dense), [], [state["step"]], amsgrad=False, lr=lr, beta1=0.9, beta2=0.999,
                         weight_decay=weight_decay, eps=1e-8, maximize=False)
@@ -175,48 +179,78 @@ def test_moments_kept_in_buffers_follow_region_changes_state_dicts_and_set_to_no
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_sliced_weights_step_like_adamw_through_their_kept_copies(channels_last: bool) -> None:
-    """A strided slice's dense copy is reused by the next forward and stepped in place by SharedAdamW.
+    """A strided slice's dense copy is reused by the next forward and stepped in place by SharedAdamW, and
+    the backward's dense gradient is stepped instead of the gathered region.
 
-    Through SliceWithGrad, over steps that repeat a region, change it, and write to the parameter from
-    outside (which must retire the copy): bit for bit the region-by-region AdamW reference, and every
-    forward sees the parameter's current values.
+    Through SliceWithGrad, over steps that repeat a region, change it, write to the parameter or to its
+    gradient from outside (which must retire the copy or the handed-over gradient), accumulate two
+    backward passes, and put a new tensor behind the parameter: bit for bit the region-by-region AdamW
+    reference, and every forward sees the parameter's current values. ``[shape, small]`` is a sandwich
+    step: the whole tensor is used, so it is stepped in place (by a kernel that does not move the version
+    counter), while the slice last taken is the small one.
     """
     from supernet.slicing import SliceWithGrad
 
     gen = torch.Generator().manual_seed(7)
     shape = (6, 5, 3, 3)
     full = torch.nn.Parameter(torch.randn(*shape, generator=gen))
-    if channels_last:
-        full.data = full.data.contiguous(memory_format=torch.channels_last)
-    ref_param, ref_grad, ref_state = full.detach().clone(), torch.zeros(shape), {}
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    full.data = full.data.contiguous(memory_format=layout)
+    ref_param, ref_state = full.detach().clone(), {}
+    ref_grad = torch.zeros_like(ref_param)  # the reference's copies must share one layout (the fused kernel reads memory)
     ours = SharedAdamW([full], lr=1e-2, weight_decay=0.05)
-    regions = [(4, 2, 3, 3), (4, 2, 3, 3), (4, 2, 3, 3), "write", (4, 2, 3, 3), (5, 3, 3, 3), (4, 2, 3, 3),
-               (6, 5, 3, 3), (4, 2, 3, 3), "load", (4, 2, 3, 3), (4, 2, 3, 3)]
-    for i, region in enumerate(regions):
-        if region == "write":  # an in-place write from outside: the kept copy must not be used again
+    small, mid = (4, 2, 3, 3), (5, 3, 3, 3)
+    steps = [[small], [small], [small], "write", [small], [mid], [small], [shape], [small], "scale_grad", [small], [small],
+             [small, small], [small, mid], [shape, small], [small], [small, shape], [small], "load", [small], [small]]
+    last_ptr = None
+    for i, step in enumerate(steps):
+        if step == "scale_grad":  # applied to the step before it, between its backward and optimizer step
+            continue
+        if step == "write":  # an in-place write from outside: the kept copy must not be used again
             with torch.no_grad():
                 full.mul_(0.5)
             ref_param.mul_(0.5)
             continue
-        if region == "load":  # a new tensor behind the parameter
-            full.data = (full.data * 2).contiguous(memory_format=torch.channels_last if channels_last
-                                                   else torch.contiguous_format)
+        if step == "load":  # a new tensor behind the parameter
+            full.data = (full.data * 2).contiguous(memory_format=layout)
             ref_param.mul_(2)
+            last_ptr = None
             continue
-        box = tuple(slice(0, n) for n in region)
         ours.zero_grad()
         ref_grad.zero_()
-        (part,) = SliceWithGrad.slices((box,), (full,))
-        assert torch.equal(part, ref_param[box]), f"step {i}: the forward saw stale values"
-        if i in (1, 2):  # the same region as the step before, nothing written in between: the same copy
-            assert part.data_ptr() == last_ptr, f"step {i}: copied again"
-        last_ptr = part.data_ptr()
-        w = torch.randn(*region, generator=gen)
-        (part * w).sum().backward()
-        ref_grad[box] += w
+        for region in step:  # one backward pass each, accumulated
+            box = tuple(slice(0, n) for n in region)
+            (part,) = SliceWithGrad.slices((box,), (full,))
+            assert torch.equal(part, ref_param[box]), f"step {i}: the forward saw stale values"
+            if i in (1, 2):  # the same region as the step before, nothing written in between: the same copy
+                assert part.data_ptr() == last_ptr, f"step {i}: copied again"
+            last_ptr = part.data_ptr()
+            w = torch.randn(*region, generator=gen)
+            (part * w).sum().backward()
+            ref_grad[box] += w
+        if i + 1 < len(steps) and steps[i + 1] == "scale_grad":  # e.g. clipping, or averaging over ranks, between backward and step
+            full.grad.mul_(0.5)
+            ref_grad.mul_(0.5)
         ours.step()
-        _reference_step(ref_param, ref_grad, ref_state, region, lr=1e-2, weight_decay=0.05)
+        _reference_step(ref_param, ref_grad, ref_state, tuple(map(max, *step)) if len(step) > 1 else step[0],
+                        lr=1e-2, weight_decay=0.05)
         assert torch.equal(full.detach(), ref_param), f"step {i}"
     ours.sync_state()
     for k in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(ours.state[full][k], ref_state[k])
+
+
+def test_slices_of_weights_another_optimizer_steps_are_copied_afresh() -> None:
+    """torch's fused AdamW writes in place without moving version counters: slices of the weights it steps
+    must not reuse a kept copy (SharedAdamW's own weights are the only ones that keep them)."""
+    from supernet.slicing import SliceWithGrad
+
+    full = torch.nn.Parameter(torch.randn(6, 5, 3, 3))
+    opt = torch.optim.AdamW([full], lr=0.1, fused=True)
+    box = (slice(0, 4), slice(0, 2))
+    for _ in range(3):
+        opt.zero_grad()
+        (part,) = SliceWithGrad.slices((box,), (full,))
+        assert torch.equal(part, full.detach()[box])
+        part.sum().backward()
+        opt.step()
