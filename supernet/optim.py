@@ -160,24 +160,26 @@ class _Plan:
     state tensors); :meth:`SharedAdamW.sync_state` writes them back.
     """
 
-    __slots__ = ("key", "views", "buffers", "loaded", "dirty")
+    __slots__ = ("region", "ptr", "of", "views", "buffers", "loaded", "dirty")
 
-    def __init__(self, key: tuple[Any, ...], views: tuple[torch.Tensor, ...],
-                 buffers: tuple[torch.Tensor, ...] | None) -> None:
-        self.key, self.views, self.buffers = key, views, buffers
+    def __init__(self, region: tuple[int, ...], p: torch.Tensor, state: dict[str, Any],
+                 views: tuple[torch.Tensor, ...], buffers: tuple[torch.Tensor, ...] | None) -> None:
+        #: what the views were taken of: the region, the parameter's memory, its gradient and moments
+        self.region, self.ptr = region, p.data_ptr()
+        self.of = (p.grad, state["exp_avg"], state["exp_avg_sq"])
+        self.views, self.buffers = views, buffers
         self.loaded = self.dirty = False
 
+    def fits(self, p: torch.Tensor, region: tuple[int, ...], state: dict[str, Any]) -> bool:
+        """The views are still of ``p``'s region: the same region and tensors (a new tensor anywhere, e.g. after
+        ``load_state_dict``, a change of memory format or a dropped gradient, needs a new plan)."""
+        of = self.of
+        return (self.region == region and self.ptr == p.data_ptr() and of[0] is p.grad
+                and of[1] is state.get("exp_avg") and of[2] is state.get("exp_avg_sq"))
 
-def _moment_ptrs(state: dict[str, Any]) -> tuple[int | None, int | None]:
-    """The memory behind a parameter's two moments (None where there is none yet)."""
-    return tuple(None if state.get(k) is None else state[k].data_ptr()  # type: ignore[return-value]
-                 for k in ("exp_avg", "exp_avg_sq"))
-
-
-def _plan_key(p: torch.Tensor, region: tuple[int, ...], state: dict[str, Any]) -> tuple[Any, ...]:
-    """What a plan's views depend on: the region, and the memory behind the parameter, its gradient and moments
-    (a new tensor there, e.g. after ``load_state_dict`` or a change of memory format, makes a new plan)."""
-    return (region, p.data_ptr(), p.stride(), None if p.grad is None else p.grad.data_ptr(), *_moment_ptrs(state))
+    def moments_of(self, state: dict[str, Any]) -> bool:
+        """The plan's moment views are of ``state``'s moment tensors."""
+        return self.of[1] is state.get("exp_avg") and self.of[2] is state.get("exp_avg_sq")
 
 
 class SharedAdamW(torch.optim.Optimizer):
@@ -217,7 +219,7 @@ class SharedAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------- state kept in buffers
     def _write_back(self, plan: _Plan, p: torch.Tensor) -> None:
         """Write a plan's moments back to the state tensors, if they are newer and those tensors are still ``p``'s."""
-        if plan.dirty and plan.key[-2:] == _moment_ptrs(self.state[p]):
+        if plan.dirty and plan.moments_of(self.state[p]):
             torch._foreach_copy_(list(plan.views[2:]), list(plan.buffers[2:]))  # type: ignore[index]
         plan.dirty = False
 
@@ -246,10 +248,9 @@ class SharedAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         elif state["step"].device != p.device:  # a state dict loaded from a file keeps steps on the CPU
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-        key = _plan_key(p, region, state)
         plan = self._plans.get(p)
         if plan is not None:
-            if plan.key == key:
+            if plan.fits(p, region, state):
                 return plan
             self._write_back(plan, p)
         views = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
@@ -261,7 +262,7 @@ class SharedAdamW(torch.optim.Optimizer):
         # dense copy of it is (``clone`` in the preserved format), so that the copy can stand in for one.
         buffers = None if _dense_alike(views) else tuple(torch.empty_like(views[0], memory_format=torch.preserve_format)
                                                          for _ in views)
-        plan = self._plans[p] = _Plan(key, views, buffers)
+        plan = self._plans[p] = _Plan(region, p, state, views, buffers)
         return plan
 
     # ----------------------------------------------------------------- the optimizer
@@ -271,7 +272,7 @@ class SharedAdamW(torch.optim.Optimizer):
         used = []
         for group in self.param_groups:
             for p in group["params"]:
-                region = used_region(p)
+                region = getattr(p, _REGION, None)  # (used_region, inlined: this loop sees every parameter)
                 if region is None:
                     continue
                 delattr(p, _REGION)
@@ -285,7 +286,7 @@ class SharedAdamW(torch.optim.Optimizer):
                         cache.grad_view = cache.grad_ptr = None
                 elif p.grad is not None:
                     plan = self._plans.get(p)
-                    if plan is not None and plan.key == _plan_key(p, region, self.state[p]):
+                    if plan is not None and plan.region == region and plan.of[0] is p.grad:
                         used.append(plan.views[1])  # the step's own view of the region
                     else:
                         used.append(p.grad if region == p.grad.shape else p.grad[_box(region)])
@@ -311,7 +312,7 @@ class SharedAdamW(torch.optim.Optimizer):
             gather_from: list[torch.Tensor] = []
             strided: list[tuple[torch.Tensor, _Plan, torch.Tensor, SliceCache | None]] = []
             for p in group["params"]:
-                region = used_region(p)
+                region = getattr(p, _REGION, None)  # (used_region, inlined: this loop sees every parameter)
                 if p.grad is None or region is None:
                     continue
                 plan = self._plan(p, region)
