@@ -13,11 +13,16 @@ parameter that received no gradient. In sandwich training the largest subnet use
 tensor of its slots in full, so the region is the whole tensor and the step is plain AdamW.
 
 The update itself is torch's fused AdamW kernel. A strided used region is stepped in dense
-buffers of its own: the parameter and gradient are gathered into them each step and the
-parameter written back, while the region's moments stay in the buffers for as long as the
-region stays the same (a subnet trained alone), and go back to the state tensors when it
-changes, in :meth:`SharedAdamW.state_dict` and in :meth:`SharedAdamW.sync_state`
-(:meth:`SharedAdamW.step`).
+buffers of its own, and the parameter's region written back. The region's moments stay in the
+buffers for as long as the region stays the same (a subnet trained alone), and go back to the
+state tensors when it changes, in :meth:`SharedAdamW.state_dict` and in
+:meth:`SharedAdamW.sync_state`. The parameter and gradient need no gathering when the slicing
+left them dense already (:class:`SliceCache`): the forward pass's copy of the region, current
+while the tensor's version counter has not moved, and the backward pass's gradient of it, when
+the region held zeros before. The copy is stepped in place and stays current after the
+write-back, so a subnet trained step after step copies its strided slices once.
+(:meth:`SharedAdamW.step`; the fused kernel does not move version counters, so the step moves
+them itself.)
 
 Gradients stay allocated between steps and :meth:`SharedAdamW.zero_grad` zeroes only the
 regions used since the last call, so a step does not re-allocate and clear full-size gradients.

@@ -28,7 +28,9 @@ class SliceWithGrad(torch.autograd.Function):
     overhead. Gradients land in ``.grad`` exactly as with plain slicing (``None`` until first use),
     and the slice is recorded as used (:func:`supernet.optim.mark_used`), so that
     :class:`~supernet.optim.SharedAdamW` steps and zeroes only that region. A block's weights are
-    sliced in one call: one autograd node per block, not one per tensor.
+    sliced in one call (:meth:`slices`): one autograd node per block, not one per tensor. What a slice
+    leaves for the next one of the same region (its view, its dense copy, the gradient's view) is kept
+    in the tensor's :class:`~supernet.optim.SliceCache`.
     """
 
     @staticmethod
