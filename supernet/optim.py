@@ -31,6 +31,7 @@ State dicts have AdamW's layout (``step``, ``exp_avg``, ``exp_avg_sq`` per param
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -85,14 +86,14 @@ class SliceCache:
     def current_copy(self, full: torch.Tensor) -> torch.Tensor | None:
         """The dense copy of the region, if nothing has written to ``full`` since it was taken.
 
-        Only for a tensor that a :class:`SharedAdamW` steps: fused optimizer kernels (torch's own
+        Only for a tensor that a live :class:`SharedAdamW` steps: fused optimizer kernels (torch's own
         ``AdamW(fused=True)`` among them) write in place without moving the version counter, and
         SharedAdamW moves it itself.
         """
-        if (self.copy is not None and self.version == full._version and self.ptr == full.data_ptr()
-                and getattr(full, _KEEPS_COPIES, False)):
-            return self.copy
-        return None
+        if self.copy is None or self.version != full._version or self.ptr != full.data_ptr():
+            return None
+        keeper = getattr(full, _KEEPS_COPIES, None)
+        return self.copy if keeper is not None and keeper() is not None else None
 
     def stand_ins(self, full: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The region's dense copy and the backward pass's dense gradient of it, each where it is current and
@@ -219,7 +220,7 @@ class SharedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.requires_grad:  # plain autograd accumulation means the whole tensor was used
                     p.register_post_accumulate_grad_hook(_mark_whole)
-                setattr(p, _KEEPS_COPIES, True)  # its writes move its version counter (see SliceCache)
+                setattr(p, _KEEPS_COPIES, weakref.ref(self))  # its writes move the version counter (SliceCache)
 
     # ----------------------------------------------------------------- state kept in buffers
     def _write_back(self, plan: _Plan, p: torch.Tensor) -> None:
@@ -287,8 +288,8 @@ class SharedAdamW(torch.optim.Optimizer):
                         self._write_back(plan, p)
                     p.grad = None
                     cache = getattr(p, _SLICE, None)
-                    if cache is not None:  # its view would keep the dropped gradient's memory
-                        cache.grad_view = cache.grad_ptr = None
+                    if cache is not None:  # its views would keep the dropped gradient's memory
+                        cache.grad_view = cache.grad_ptr = cache.dense_grad = None
                 elif p.grad is not None:
                     plan = self._plans.get(p)
                     if plan is not None and plan.region == region and plan.of[0] is p.grad:

@@ -242,12 +242,23 @@ def test_sliced_weights_step_like_adamw_through_their_kept_copies(channels_last:
 
 def test_slices_of_weights_another_optimizer_steps_are_copied_afresh() -> None:
     """torch's fused AdamW writes in place without moving version counters: slices of the weights it steps
-    must not reuse a kept copy (SharedAdamW's own weights are the only ones that keep them)."""
+    must not reuse a kept copy (only weights a live SharedAdamW steps keep them), also after a SharedAdamW
+    stepped them first and was dropped."""
+    import gc
+
     from supernet.slicing import SliceWithGrad
 
     full = torch.nn.Parameter(torch.randn(6, 5, 3, 3))
-    opt = torch.optim.AdamW([full], lr=0.1, fused=True)
     box = (slice(0, 4), slice(0, 2))
+    shared = SharedAdamW([full], lr=0.1)
+    for _ in range(2):
+        shared.zero_grad()
+        SliceWithGrad.slices((box,), (full,))[0].sum().backward()
+        shared.step()
+    del shared
+    gc.collect()
+    full.grad = None
+    opt = torch.optim.AdamW([full], lr=0.1, fused=True)
     for _ in range(3):
         opt.zero_grad()
         (part,) = SliceWithGrad.slices((box,), (full,))
