@@ -125,7 +125,7 @@ def slice_cache(full: torch.Tensor, index: tuple[slice, ...]) -> SliceCache:
     if cache is None or cache.index != index or cache.ptr != full.data_ptr():
         cache = SliceCache(full, index)
         setattr(full, _SLICE, cache)
-        setattr(full, _MANAGED, True)
+        manage(full)
     return cache
 
 
@@ -306,9 +306,11 @@ class SharedAdamW(torch.optim.Optimizer):
         The update runs in torch's fused AdamW kernel (the one ``torch.optim.AdamW(fused=True)``
         runs), which reads its tensors as dense memory. A tensor used whole, and a used region that
         is dense memory already (a prefix of a vector, the leading rows of a matrix), is passed as it
-        is. A strided region is stepped in dense buffers: the parameter and gradient are gathered into
-        them (all regions in one copy call) and the parameter written back; its moments stay there
-        while the region does (see :meth:`sync_state`).
+        is. A strided region is stepped in dense buffers and the parameter's region written back; its
+        moments stay there while the region does (see :meth:`sync_state`). The parameter and gradient
+        are gathered into them (all regions in one copy call) unless the slices' dense copy of the
+        region and the backward's dense gradient of it are current, which are stepped instead
+        (:meth:`SliceCache.stand_ins`).
         """
         loss = closure() if closure is not None else None
         for group in self.param_groups:

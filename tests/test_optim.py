@@ -265,3 +265,20 @@ def test_slices_of_weights_another_optimizer_steps_are_copied_afresh() -> None:
         assert torch.equal(part, full.detach()[box])
         part.sum().backward()
         opt.step()
+
+
+def test_forget_slices_drops_a_copy_that_a_write_through_data_left_current() -> None:
+    """A write through ``.data`` (as a collective broadcast does) moves no version counter; after
+    ``forget_slices`` the next slice sees the written values."""
+    from supernet.optim import forget_slices
+    from supernet.slicing import SliceWithGrad
+
+    full = torch.nn.Parameter(torch.randn(6, 5, 3, 3))
+    opt = SharedAdamW([full], lr=0.1)  # kept alive: only weights a live SharedAdamW steps keep copies
+    box = (slice(0, 4), slice(0, 2))
+    first = SliceWithGrad.slices((box,), (full,))[0]
+    full.data.mul_(2)
+    assert torch.equal(SliceWithGrad.slices((box,), (full,))[0], first)  # the copy is kept, unseen write
+    forget_slices([full])
+    assert torch.equal(SliceWithGrad.slices((box,), (full,))[0], full.detach()[box])
+    del opt
